@@ -1,0 +1,44 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+extras = {
+    "train": ["datasets>=2.19", "tensorboard", "bitsandbytes"],
+    "xformers": ["xformers"],
+    "eval": ["datasets>=2.19"],
+    "test": ["pytest>=8", "datasets>=2.19"],
+}
+extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], "ruff"})
+
+setup(
+    name="diffusers-di-star",
+    version="0.1.0.dev0",
+    description="Diff-Instruct* (DI*): human-preferred one-step SDXL generators for Diffusers — inference, training, export",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"diffusers_di_star": ["configs/**/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.35",
+        "transformers>=4.49",
+        "tokenizers>=0.20",
+        "peft>=0.15",
+        "accelerate>=1.0",
+        "huggingface_hub>=0.30",
+        "safetensors>=0.4",
+        "numpy",
+        "Pillow",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["di-star=diffusers_di_star.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,223 @@
+"""Tiny SDXL components built fully offline, for tests, the demo and users' own tests.
+
+Every piece has the real SDXL layout (two CLIP text encoders with a CLIP BPE tokenizer each, a UNet with
+``addition_embed_type="text_time"``, an ``AutoencoderKL`` with a down-sampling factor of 8 and SDXL's scheduler)
+but only a few thousand parameters, so a whole pipeline builds, saves and generates a 64×64 image in well under a
+second on a CPU. Nothing is downloaded: the tokenizers are trained here with the ``tokenizers`` library.
+
+>>> from diffusers_di_star.testing import get_tiny_sdxl_components, save_tiny_sdxl_pipeline
+>>> components = get_tiny_sdxl_components(seed=0)          # dict for StableDiffusionXLPipeline(**components)
+>>> save_tiny_sdxl_pipeline("tiny-sdxl")                     # a complete SDXL-layout folder
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from tokenizers import Regex, normalizers, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = [
+    "TINY_PROMPTS",
+    "get_tiny_tokenizer",
+    "get_tiny_text_encoders",
+    "get_tiny_unet",
+    "get_tiny_vae",
+    "get_sdxl_scheduler",
+    "get_tiny_sdxl_components",
+    "save_tiny_sdxl_pipeline",
+]
+
+#: Prompts used to train the tiny tokenizer; also handy as test prompts.
+TINY_PROMPTS = (
+    "a photo of an astronaut riding a horse on mars",
+    "a watercolor painting of a fox in a snowy forest",
+    "a cat wearing sunglasses sitting on a red chair",
+    "an oil painting of a lighthouse at sunset, dramatic clouds",
+    "a bowl of ramen with chopsticks, studio lighting",
+    "a small robot reading a book in a cozy library",
+    "portrait of an old man with a beard, black and white photo",
+    "a futuristic city skyline at night with neon lights",
+)
+
+#: Text-encoder widths of the tiny SDXL: CLIP-L stand-in (32) and bigG stand-in (64, projection 64).
+TEXT_HIDDEN_SIZES = (32, 64)
+ADDITION_TIME_EMBED_DIM = 8
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _clip_normalizer_and_pre_tokenizer():
+    # The same text pipeline as transformers' CLIPTokenizer, so the trained merges are the ones it will apply.
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return normalizer, pre_tokenizer
+
+
+def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned greedily, ties broken lexicographically (so the result never varies).
+
+    ``tokenizers``' own ``BpeTrainer`` breaks ties by hash-map order, which changes from run to run; a test fixture
+    must not.
+    """
+    counts = Counter(words)
+    symbols = {word: [*word[:-1], word[-1] + "</w>"] for word in counts}
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, seq in symbols.items():
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        for word, seq in symbols.items():
+            merged, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    merged.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    merged.append(seq[i])
+                    i += 1
+            symbols[word] = merged
+    return merges
+
+
+def get_tiny_tokenizer(num_merges: int = 120, pad_token: str = _EOS) -> CLIPTokenizer:
+    """A CLIP-layout BPE tokenizer trained locally on :data:`TINY_PROMPTS` (deterministic, no download).
+
+    The text is normalised and split by the ``tokenizers`` pipeline CLIP uses; every byte has a token with and
+    without the ``</w>`` end-of-word suffix, so any text encodes without unknowns. SDXL's second tokenizer pads with
+    ``"!"``: pass ``pad_token="!"`` for it.
+    """
+    normalizer, pre_tokenizer = _clip_normalizer_and_pre_tokenizer()
+    words = [
+        word
+        for prompt in TINY_PROMPTS
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(prompt))
+    ]
+    merges = _learn_bpe_merges(words, num_merges)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = [_BOS, _EOS, *alphabet, *(char + "</w>" for char in alphabet), *("".join(pair) for pair in merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def get_tiny_text_encoders(vocab_size: int, eos_token_id: int, seed: int = 0):
+    """The two SDXL text encoders: a CLIP-L stand-in (hidden 32) and a bigG stand-in with projection (hidden 64)."""
+    encoders = []
+    for cls, hidden_size in zip((CLIPTextModel, CLIPTextModelWithProjection), TEXT_HIDDEN_SIZES):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            projection_dim=TEXT_HIDDEN_SIZES[1],
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=0,
+            eos_token_id=eos_token_id,
+            pad_token_id=1,
+        )
+        encoders.append(cls(config).eval())
+    return tuple(encoders)
+
+
+def get_tiny_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    """An SDXL-layout UNet (``text_time`` added conditioning, cross-attention over both text encoders)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        norm_num_groups=16,
+        cross_attention_dim=sum(TEXT_HIDDEN_SIZES),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_HIDDEN_SIZES[1],
+    ).eval()
+
+
+def get_tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with SDXL's latent layout: 4 channels, down-sampling factor 8, scaling factor 0.13025."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    ).eval()
+
+
+def get_sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's scheduler config (scaled-linear betas 0.00085 → 0.012 over 1000 steps, epsilon prediction)."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def get_tiny_sdxl_components(seed: int = 0) -> dict:
+    """All components of a tiny SDXL, as keyword arguments of ``StableDiffusionXLPipeline`` (or ours).
+
+    Deterministic: the same ``seed`` gives bit-identical weights and tokenizers.
+    """
+    tokenizer = get_tiny_tokenizer()
+    tokenizer_2 = get_tiny_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+    text_encoder, text_encoder_2 = get_tiny_text_encoders(len(tokenizer), tokenizer.eos_token_id, seed=seed)
+    return {
+        "vae": get_tiny_vae(seed),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": get_tiny_unet(seed),
+        "scheduler": get_sdxl_scheduler(),
+    }
+
+
+def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0) -> str:
+    """Save a complete SDXL-layout pipeline folder (``model_index.json`` + one subfolder per component).
+
+    The folder is what ``stabilityai/stable-diffusion-xl-base-1.0`` looks like on the Hub, in miniature, and loads
+    with ``StableDiffusionXLPipeline.from_pretrained`` and ``DIStarSDXLPipeline.from_pretrained``. Returns the path.
+    """
+    pipe = StableDiffusionXLPipeline(**get_tiny_sdxl_components(seed), add_watermarker=False)
+    pipe.save_pretrained(path)
+    return os.fspath(path)
