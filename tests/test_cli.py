@@ -23,7 +23,7 @@ def test_generate_writes_the_pipeline_images(tiny_sdxl_dir, tmp_path, capsys):
         "000005_000_00.png", "000005_000_01.png", "000005_001_00.png", "000005_001_01.png"]
     pipe = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)
     expected = pipe(["a cat", "a dog"], num_images_per_prompt=2, generator=torch.Generator().manual_seed(5)).images
-    for path, image in zip(written, expected):
+    for path, image in zip(written, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(PIL.Image.open(path)), np.asarray(image))
 
 
@@ -68,3 +68,5 @@ def test_demo_console_script(tmp_path):
     assert grid.size == (2 * 128, 4 * 128)
     assert str(tmp_path / "grid.png") in result.stdout
     assert DIStarSDXLPipeline.from_pretrained(tmp_path / "tiny-sdxl").conditioning_timestep == 399
+    for name in ("tiny-sdxl.safetensors", "tiny-sdxl-unet.safetensors"):
+        assert str(tmp_path / "comfyui" / name) in result.stdout and (tmp_path / "comfyui" / name).stat().st_size

@@ -296,3 +296,14 @@ def test_one_step_map_has_no_graph_breaks(tiny_components):
         unet, torch.randn(2, 4, 8, 8), torch.randn(2, 77, 96), added, alphas_cumprod, 399
     )
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_from_single_file_loads_our_comfyui_checkpoint(tiny_sdxl_dir, tmp_path):
+    from diffusers_di_star.export import export_comfyui_checkpoint
+
+    path = export_comfyui_checkpoint(tiny_sdxl_dir, tmp_path / "tiny.safetensors", "fp32")
+    pipe = DIStarSDXLPipeline.from_single_file(path, config=str(tiny_sdxl_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.conditioning_timestep == 399
+    expected = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)(PROMPTS, generator=gen(), output_type="np").images
+    np.testing.assert_array_equal(pipe(PROMPTS, generator=gen(), output_type="np").images, expected)

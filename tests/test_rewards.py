@@ -23,9 +23,10 @@ from diffusers_di_star.rewards import (
     parse_reward_spec,
     register_reward,
 )
-from diffusers_di_star.rewards.checkpoints import load_state_dict_file, resolve_checkpoint_file
+from diffusers_di_star.rewards.checkpoints import resolve_checkpoint_file
 from diffusers_di_star.rewards.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from diffusers_di_star.rewards.registry import RewardEntry
+from diffusers_di_star.weights import load_state_dict_file
 
 BUILT_IN = ["aesthetic", "clip", "hpsv2", "hpsv2.1", "imagereward", "pickscore"]
 
@@ -294,7 +295,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
     torch.save({"layers.0.weight": torch.zeros(1), "payload": CodeOnLoad(str(marker))}, path)
-    with pytest.raises(ValueError, match="is not a plain state dict.*weights_only=True"):
+    with pytest.raises(ValueError, match="not a plain state dict.*weights_only=True"):
         load_state_dict_file(path)
     assert not marker.exists()
 

@@ -14,7 +14,6 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig
 
 from diffusers_di_star.rewards import HPSv2Reward, ImageReward, convert_open_clip_state_dict, load_reward
-from diffusers_di_star.rewards.checkpoints import load_state_dict_file
 from diffusers_di_star.rewards.hpsv2 import HPS_CHECKPOINTS
 from diffusers_di_star.rewards.testing import (
     save_tiny_bert_tokenizer,
@@ -22,6 +21,7 @@ from diffusers_di_star.rewards.testing import (
     save_tiny_hps,
     save_tiny_image_reward,
 )
+from diffusers_di_star.weights import load_state_dict_file
 
 PROMPTS = ["an oil painting of a lighthouse at sunset, dramatic clouds", "a bowl of ramen"]
 

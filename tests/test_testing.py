@@ -25,8 +25,7 @@ def test_tokenizer_is_deterministic_clip_bpe(tmp_path):
 def test_components_are_seeded():
     a, b, c = get_tiny_sdxl_components(0), get_tiny_sdxl_components(0), get_tiny_sdxl_components(1)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        for (key, pa), pb, pc in zip(a[name].state_dict().items(), b[name].state_dict().values(),
-                                     c[name].state_dict().values()):
+        for (key, pa), pb in zip(a[name].state_dict().items(), b[name].state_dict().values(), strict=True):
             assert torch.equal(pa, pb), (name, key)
     assert not torch.equal(a["unet"].conv_in.weight, c["unet"].conv_in.weight)
 

@@ -53,7 +53,9 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
 
 def _add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="one-step text-to-image with DIStarSDXLPipeline")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat the flag for several")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
@@ -108,10 +110,53 @@ def _cmd_demo(args) -> None:
     demo.run(args.out)
 
 
+_EXPORT_FORMATS = ("comfyui-checkpoint", "comfyui-unet", "kohya-lora", "diffusers")
+_EXPORT_OPTIONS = ("dtype", "base_model", "variant", "subfolder", "weight_name", "lora_alpha", "conditioning_timestep")
+
+
+def _add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="convert a model for ComfyUI / A1111 / kohya tools, or back to Diffusers",
+        description="comfyui-checkpoint: full SDXL single file (Load Checkpoint); comfyui-unet: UNet only (Load "
+        "Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
+        "diffusers: a single file, UNet file, DMD2 .bin or kohya LoRA back to a Diffusers folder. See docs/export.md.",
+    )
+    p.add_argument("--model", required=True, help="local folder or file, or Hub id ('owner/name')")
+    p.add_argument("--format", required=True, choices=_EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="output .safetensors file (a folder for --format diffusers)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 (diffusers: keep as stored)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="Diffusers SDXL folder or Hub id giving the architecture (and, for --format diffusers, the tokenizers "
+        "and scheduler); default: SDXL base 1.0",
+    )
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    p.add_argument("--subfolder", default=None, help="subfolder of --model that holds the UNet")
+    p.add_argument("--weight-name", default=None, help="file inside --model (e.g. dmd2_sdxl_1step_unet.bin)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's lora_alpha, if its file lacks metadata")
+    p.add_argument("--conditioning-timestep", type=int, default=None, help="t* written to the metadata (default 399)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> None:
+    from .export import ExportError, export_model
+    from .weights import CheckpointError
+
+    options = {name: getattr(args, name) for name in _EXPORT_OPTIONS}
+    try:
+        path = export_model(args.model, args.format, args.out, overwrite=args.overwrite, **options)
+    except (ExportError, CheckpointError) as err:
+        raise CLIError(str(err)) from err
+    print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="di-star", description="Diff-Instruct* one-step SDXL tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate_parser, _add_demo_parser):
+    for add in (_add_generate_parser, _add_demo_parser, _add_export_parser):
         add(subparsers)
     return parser
 

@@ -2,7 +2,8 @@
 
 1. build a tiny SDXL (random weights, locally trained tokenizers) and save it as an SDXL-layout folder;
 2. load it back with `DIStarSDXLPipeline.from_pretrained`, exactly as a notebook loads a Hub checkpoint;
-3. generate a grid of one-step images and write it to the output folder.
+3. generate a grid of one-step images and write it to the output folder;
+4. export it for ComfyUI: a single-file SDXL checkpoint (Load Checkpoint) and a UNet-only file (Load Diffusion Model).
 """
 
 import os
@@ -10,6 +11,7 @@ import os
 import torch
 from diffusers.utils import make_image_grid
 
+from .export import export_comfyui_checkpoint, export_comfyui_unet
 from .pipeline_di_star_sdxl import DIStarSDXLPipeline
 from .testing import TINY_PROMPTS, save_tiny_sdxl_pipeline
 
@@ -30,7 +32,17 @@ def run(out_dir: str, num_prompts: int = 4, images_per_prompt: int = 2, seed: in
     ).images
     grid_path = os.path.join(out_dir, "grid.png")
     make_image_grid(images, rows=len(prompts), cols=images_per_prompt).save(grid_path)
-    paths = {"model": model_dir, "grid": grid_path}
+    t_star = pipe.conditioning_timestep
+    comfyui_dir = os.path.join(out_dir, "comfyui")
+    checkpoint = export_comfyui_checkpoint(
+        pipe, os.path.join(comfyui_dir, "tiny-sdxl.safetensors"), "fp16", conditioning_timestep=t_star, overwrite=True
+    )
+    unet_file = export_comfyui_unet(
+        pipe, os.path.join(comfyui_dir, "tiny-sdxl-unet.safetensors"), "fp16", conditioning_timestep=t_star,
+        overwrite=True,
+    )
     print(f"tiny SDXL pipeline: {model_dir}")
-    print(f"one-step images ({len(prompts)} prompts × {images_per_prompt}, t*={pipe.conditioning_timestep}): {grid_path}")
-    return paths
+    print(f"one-step images ({len(prompts)} prompts × {images_per_prompt}, t*={t_star}): {grid_path}")
+    print(f"ComfyUI checkpoint (models/checkpoints): {checkpoint}")
+    print(f"ComfyUI UNet-only file (models/diffusion_models): {unet_file}")
+    return {"model": model_dir, "grid": grid_path, "comfyui_checkpoint": checkpoint, "comfyui_unet": unet_file}

@@ -336,11 +336,11 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
 
         Args:
             prompt (`str` or `list[str]`): the prompt(s). Give `prompt_embeds` instead to reuse encodings.
-            prompt_2 (`str` or `list[str]`, *optional*): prompt(s) for `tokenizer_2`/`text_encoder_2`; default `prompt`.
+            prompt_2 (`str` or `list[str]`, *optional*): prompt(s) for `text_encoder_2`; default `prompt`.
             height (`int`, *optional*), width (`int`, *optional*): image size in pixels, multiples of the VAE factor
                 (8); default the UNet's native size × 8 (1024 for SDXL).
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): seeds z; one per image or one for all.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): seeds z; one per image, or one.
             latents (`torch.Tensor`, *optional*): the noise z ~ N(0, I), shape `[B, 4, height/8, width/8]`.
             prompt_embeds (`torch.Tensor`, *optional*), pooled_prompt_embeds (`torch.Tensor`, *optional*): from
                 `encode_prompt(..., do_classifier_free_guidance=False)`.

@@ -79,7 +79,7 @@ def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]
     for _ in range(num_merges):
         pairs = Counter()
         for word, seq in symbols.items():
-            for pair in zip(seq, seq[1:]):
+            for pair in zip(seq, seq[1:], strict=False):
                 pairs[pair] += counts[word]
         if not pairs:
             break
@@ -121,7 +121,7 @@ def get_tiny_tokenizer(num_merges: int = 120, pad_token: str = _EOS) -> CLIPToke
 def get_tiny_text_encoders(vocab_size: int, eos_token_id: int, seed: int = 0):
     """The two SDXL text encoders: a CLIP-L stand-in (hidden 32) and a bigG stand-in with projection (hidden 64)."""
     encoders = []
-    for cls, hidden_size in zip((CLIPTextModel, CLIPTextModelWithProjection), TEXT_HIDDEN_SIZES):
+    for cls, hidden_size in zip((CLIPTextModel, CLIPTextModelWithProjection), TEXT_HIDDEN_SIZES, strict=True):
         torch.manual_seed(seed)
         config = CLIPTextConfig(
             vocab_size=vocab_size,

@@ -10,8 +10,9 @@ import os
 import torch
 from transformers import CLIPModel
 
+from ..weights import load_state_dict_file
 from .base import RewardModel
-from .checkpoints import load_state_dict_file, resolve_checkpoint_file
+from .checkpoints import resolve_checkpoint_file
 from .clip_score import OPENAI_CLIP_VIT_L_14
 from .clip_similarity import clip_image_embeddings
 from .mlp_head import PreferenceMLP

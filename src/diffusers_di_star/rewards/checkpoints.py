@@ -1,16 +1,14 @@
-"""Finding and safely loading reward checkpoints: Hub ids or local paths, safetensors or ``weights_only`` pickles."""
+"""Finding reward checkpoints (Hub ids or local paths) and building models from converted state dicts."""
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
 from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
 
-__all__ = ["build_pretrained", "load_state_dict_file", "resolve_checkpoint_file"]
+__all__ = ["build_pretrained", "resolve_checkpoint_file"]
 
 
 def resolve_checkpoint_file(location: str | os.PathLike, filename: str) -> str:
@@ -26,32 +24,6 @@ def resolve_checkpoint_file(location: str | os.PathLike, filename: str) -> str:
             )
         return path
     return hf_hub_download(repo_id=location, filename=filename)
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors by name from a ``.safetensors`` file or a plain pickled state dict, never running pickled code.
-
-    Pickles go through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
-    A training checkpoint that wraps the weights as ``{"state_dict": {...}, ...}`` (HPSv2's) is unwrapped.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0]
-        raise ValueError(
-            f"{path!r} is not a plain state dict: it pickles Python objects that torch.load(weights_only=True) "
-            f"refuses to run ({reason}). Load it only if you trust it, and re-save its tensors with safetensors."
-        ) from error
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in checkpoint.items()
-    ):
-        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict (names -> tensors).")
-    return dict(checkpoint)
 
 
 def build_pretrained(model_class, config, state_dict: Mapping[str, torch.Tensor], **model_kwargs):

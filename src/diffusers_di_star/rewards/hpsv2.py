@@ -10,7 +10,8 @@ import os
 
 from transformers import CLIPConfig, CLIPModel
 
-from .checkpoints import build_pretrained, load_state_dict_file, resolve_checkpoint_file
+from ..weights import load_state_dict_file
+from .checkpoints import build_pretrained, resolve_checkpoint_file
 from .clip_similarity import ClipSimilarityReward, load_clip_tokenizer_and_transform
 from .open_clip_conversion import convert_open_clip_state_dict
 from .pickscore import LAION_CLIP_VIT_H_14

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 import torch
 from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
+from ..weights import load_state_dict_file
 from .base import RewardModel
-from .checkpoints import build_pretrained, load_state_dict_file, resolve_checkpoint_file
+from .checkpoints import build_pretrained, resolve_checkpoint_file
 from .mlp_head import PreferenceMLP
 from .preprocessing import ClipImageTransform
 

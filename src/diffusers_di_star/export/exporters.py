@@ -1,0 +1,289 @@
+"""The four export formats of ``di-star export``, one function each, and :func:`export_model` to pick one by name.
+
+Every exporter refuses to replace an existing output unless ``overwrite=True`` (checked before any loading) and
+writes atomically (:func:`.files.atomic_write`): a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
+from .files import (
+    ExportError,
+    atomic_write,
+    cast_floating,
+    check_output_free,
+    load_state_dict_file,
+    read_keys,
+    read_metadata,
+    resolve_dtype,
+    save_safetensors,
+)
+from .loading import (
+    SDXL_BASE_MODEL_ID,
+    checkpoint_kind,
+    load_component_config,
+    load_generator_unet,
+    load_sdxl_components,
+    resolve_file,
+)
+from .lora import kohya_lora_to_peft, lora_config_from_metadata, lora_metadata, peft_lora_to_kohya
+from .single_file import sdxl_checkpoint_state_dict, sdxl_components_from_checkpoint, unet_checkpoint_state_dict
+
+__all__ = [
+    "FORMATS",
+    "export_comfyui_checkpoint",
+    "export_comfyui_unet",
+    "export_kohya_lora",
+    "export_diffusers",
+    "export_model",
+]
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+_SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+
+
+def _model_metadata(out_path, source, conditioning_timestep: int, architecture: str = _SDXL_ARCHITECTURE) -> dict:
+    # SAI ModelSpec fields (read by A1111/Forge and kohya tools), DI*'s t*, and the Hub id the weights came from
+    # (never a local path: it would leak the user's folder names into a file they share).
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": os.path.splitext(os.path.basename(os.fspath(out_path)))[0],
+        "modelspec.prediction_type": "epsilon",
+        "di_star.conditioning_timestep": str(conditioning_timestep),
+        "di_star.exporter": f"diffusers-di-star {__version__}",
+    }
+    if isinstance(source, str) and not os.path.exists(source):
+        metadata["di_star.source"] = source
+    return metadata
+
+
+def _sdxl_components(model, torch_dtype, variant):
+    if isinstance(model, (str, os.PathLike)):
+        return load_sdxl_components(os.fspath(model), torch_dtype, variant)
+    get = model.get if isinstance(model, dict) else lambda name: getattr(model, name, None)
+    components = {name: get(name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    missing = [name for name, component in components.items() if component is None]
+    if missing:
+        raise ExportError(f"{type(model).__name__} is not an SDXL pipeline: it has no {missing}.")
+    return components
+
+
+def export_comfyui_checkpoint(
+    model,
+    out_path: str | os.PathLike,
+    dtype: str | torch.dtype = "fp16",
+    *,
+    variant: str | None = None,
+    conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
+    overwrite: bool = False,
+) -> str:
+    """Write a full SDXL single-file checkpoint (ComfyUI "Load Checkpoint", A1111/Forge ``models/Stable-diffusion``).
+
+    ``model``: a Diffusers SDXL pipeline folder or Hub id, a pipeline object, or a dict of its components. Returns
+    the absolute path of the ``.safetensors`` file written.
+    """
+    check_output_free(out_path, overwrite)
+    torch_dtype = resolve_dtype(dtype)
+    components = _sdxl_components(model, torch_dtype, variant)
+    state_dict = cast_floating(sdxl_checkpoint_state_dict(components), torch_dtype)
+    unet, vae = components["unet"], components["vae"]
+    side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    metadata = _model_metadata(out_path, model, conditioning_timestep) | {"modelspec.resolution": f"{side}x{side}"}
+    return save_safetensors(state_dict, out_path, metadata, overwrite)
+
+
+def export_comfyui_unet(
+    model,
+    out_path: str | os.PathLike,
+    dtype: str | torch.dtype = "fp16",
+    *,
+    base_model: str | None = None,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    variant: str | None = None,
+    conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
+    overwrite: bool = False,
+) -> str:
+    """Write the UNet alone with ``model.diffusion_model.*`` keys (ComfyUI "Load Diffusion Model", ``models/unet``).
+
+    ``model``: anything :func:`.loading.load_generator_unet` reads (a pipeline or UNet folder or Hub id, a DMD2
+    ``.bin``, a UNet safetensors, a single file), a ``UNet2DConditionModel`` or a pipeline object.
+    """
+    check_output_free(out_path, overwrite)
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(model, (str, os.PathLike)):
+        unet = load_generator_unet(os.fspath(model), base_model, subfolder, weight_name, torch_dtype, variant)
+    else:
+        unet = getattr(model, "unet", model)
+    state_dict = cast_floating(unet_checkpoint_state_dict(unet), torch_dtype)
+    metadata = _model_metadata(out_path, model, conditioning_timestep) | {"di_star.component": "unet"}
+    return save_safetensors(state_dict, out_path, metadata, overwrite)
+
+
+def _lora_file(lora: str, weight_name: str | None) -> str:
+    if os.path.isfile(lora):
+        return lora
+    return resolve_file(lora, weight_name or DIFFUSERS_LORA_NAME)
+
+
+def _lora_config(path: str, lora_alpha: float | None) -> dict:
+    """The adapter's ``LoraConfig`` fields from the file's metadata, with ``lora_alpha`` filled in or checked."""
+    config = lora_config_from_metadata(read_metadata(path))
+    stored = config.get("lora_alpha")
+    if stored is None and lora_alpha is None:
+        raise ExportError(
+            f"{path!r} has no lora_alpha in its metadata, and the kohya format needs it (the LoRA's scale is "
+            f"lora_alpha / r). Pass the value used in training: --lora-alpha A (in Python: lora_alpha=A). Save "
+            f"LoRAs with save_lora_weights(..., unet_lora_adapter_metadata=unet.peft_config[name].to_dict())."
+        )
+    if stored is not None and lora_alpha is not None and float(stored) != float(lora_alpha):
+        raise ExportError(f"{path!r} says lora_alpha={stored}, but lora_alpha={lora_alpha} was passed; drop the flag.")
+    return config if stored is not None else {**config, "lora_alpha": lora_alpha}
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def export_kohya_lora(
+    lora: str | os.PathLike,
+    out_path: str | os.PathLike,
+    dtype: str | torch.dtype = "fp16",
+    *,
+    base_model: str | None = None,
+    weight_name: str | None = None,
+    lora_alpha: float | None = None,
+    conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
+    overwrite: bool = False,
+) -> str:
+    """Convert a Diffusers/PEFT UNet LoRA file to kohya keys with the true alpha (ComfyUI "LoraLoader", A1111/Forge).
+
+    ``lora``: a ``pytorch_lora_weights.safetensors`` file, a folder or Hub repo holding one (``weight_name`` picks
+    another file). ``lora_alpha`` is needed only when the file's metadata lacks it. ``base_model`` gives the UNet
+    architecture (default: SDXL base).
+    """
+    check_output_free(out_path, overwrite)
+    path = _lora_file(os.fspath(lora), weight_name)
+    state_dict = load_state_dict_file(path)
+    if checkpoint_kind(state_dict) != "peft-lora":
+        raise ExportError(
+            f"{path!r} is not a Diffusers/PEFT LoRA (lora_A/lora_B keys); found {checkpoint_kind(state_dict)}."
+        )
+    config = _lora_config(path, lora_alpha)
+    try:
+        kohya = peft_lora_to_kohya(
+            cast_floating(state_dict, resolve_dtype(dtype)), load_component_config("unet", base_model), config
+        )
+    except ValueError as err:
+        raise ExportError(f"{path!r}: {err}") from err
+    metadata = _model_metadata(out_path, os.fspath(lora), conditioning_timestep, f"{_SDXL_ARCHITECTURE}/lora")
+    metadata |= {  # kohya's own summary fields (shown by A1111/Forge): the most common rank and alpha in the file
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(_most_common(v.shape[0] for k, v in kohya.items() if k.endswith(".lora_down.weight"))),
+        "ss_network_alpha": str(_most_common(v.item() for k, v in kohya.items() if k.endswith(".alpha"))),
+        "ss_base_model_version": "sdxl_base_v1-0",
+    }
+    return save_safetensors(kohya, out_path, metadata, overwrite)
+
+
+def _single_file(model: str, weight_name: str | None) -> str:
+    if weight_name is not None:
+        return resolve_file(model, weight_name)
+    if os.path.isfile(model):
+        return model
+    raise ExportError(
+        f"--format diffusers converts a single weights file (a single-file checkpoint, a UNet file or a kohya "
+        f"LoRA); {model!r} is not a file (a Diffusers folder or repo is already in Diffusers format)."
+    )
+
+
+def _save_pipeline(path: str, base_model: str | None, torch_dtype, out_path, overwrite: bool) -> str:
+    components = sdxl_components_from_checkpoint(load_state_dict_file(path), base_model, torch_dtype)
+    source = base_model or SDXL_BASE_MODEL_ID  # tokenizers and scheduler are not in a single file
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, **components, add_watermarker=False)
+    except (OSError, ValueError) as err:
+        raise ExportError(
+            f"could not load the tokenizers and scheduler from {source!r} ({err}); pass --base-model with a local "
+            f"Diffusers SDXL folder."
+        ) from err
+    return atomic_write(out_path, pipe.save_pretrained, overwrite, is_dir=True)
+
+
+def _save_peft_lora(path: str, base_model: str | None, torch_dtype, out_path, overwrite: bool) -> str:
+    state_dict, config = kohya_lora_to_peft(load_state_dict_file(path), load_component_config("unet", base_model))
+    state_dict = {k: v.contiguous() for k, v in cast_floating(state_dict, torch_dtype).items()}
+    metadata = {"format": "pt", **lora_metadata(config)}
+
+    def write(folder: str) -> None:
+        save_file(state_dict, os.path.join(folder, DIFFUSERS_LORA_NAME), metadata=metadata)
+
+    return atomic_write(out_path, write, overwrite, is_dir=True)
+
+
+def export_diffusers(
+    model: str | os.PathLike,
+    out_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    *,
+    base_model: str | None = None,
+    weight_name: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Convert a single weights file back to Diffusers, into the folder ``out_path``:
+
+    * a full single-file checkpoint -> a pipeline folder (tokenizers and scheduler from ``base_model``, default
+      SDXL base);
+    * a UNet file (single-file UNet, Diffusers UNet safetensors, DMD2 ``.bin``) -> a UNet folder;
+    * a kohya LoRA -> ``pytorch_lora_weights.safetensors`` with its ``LoraConfig`` (alpha included) in the metadata.
+
+    ``dtype=None`` keeps the stored dtypes.
+    """
+    check_output_free(out_path, overwrite)
+    torch_dtype = resolve_dtype(dtype)
+    path = _single_file(os.fspath(model), weight_name)
+    kind = checkpoint_kind(read_keys(path))
+    if kind == "sdxl-checkpoint":
+        return _save_pipeline(path, base_model, torch_dtype, out_path, overwrite)
+    if kind == "kohya-lora":
+        return _save_peft_lora(path, base_model, torch_dtype, out_path, overwrite)
+    if kind in ("unet-original", "unet-diffusers"):
+        unet = load_generator_unet(path, base_model, torch_dtype=torch_dtype)
+        return atomic_write(out_path, unet.save_pretrained, overwrite, is_dir=True)
+    raise ExportError(f"{path!r} is not a single-file SDXL checkpoint, a UNet or a kohya LoRA (found {kind}).")
+
+
+#: ``--format`` name -> exporter.
+FORMATS = {
+    "comfyui-checkpoint": export_comfyui_checkpoint,
+    "comfyui-unet": export_comfyui_unet,
+    "kohya-lora": export_kohya_lora,
+    "diffusers": export_diffusers,
+}
+
+
+def export_model(model, format: str, out_path: str | os.PathLike, **options) -> str:
+    """Run the exporter of ``format`` (a key of :data:`FORMATS`); options left at ``None`` take its defaults.
+
+    An option the format does not use is an error rather than silently ignored.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; use one of {sorted(FORMATS)}.")
+    exporter = FORMATS[format]
+    options = {name: value for name, value in options.items() if value is not None}
+    unused = sorted(set(options) - set(inspect.signature(exporter).parameters))
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ExportError(f"{flags} does not apply to --format {format}.")
+    return exporter(model, out_path, **options)

@@ -1,0 +1,488 @@
+"""Export and import: single-file SDXL checkpoints, kohya LoRA, legacy generator checkpoints, ``di-star export``.
+
+Diffusers' own readers (``from_single_file``, ``convert_ldm_*``, ``load_lora_weights``) are the independent checks:
+the installed Diffusers only converts original -> Diffusers, so our writer and its reader cannot share a mistake.
+Full-size SDXL is checked on the meta device (no weights in memory); values are checked on the tiny SDXL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders import single_file_utils
+from diffusers.utils import convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from diffusers_di_star.cli import _EXPORT_FORMATS, main
+from diffusers_di_star.configs import SDXL_BASE_CONFIG_DIR, load_sdxl_config
+from diffusers_di_star.export import (
+    FORMATS,
+    ExportError,
+    checkpoint_kind,
+    export_comfyui_checkpoint,
+    export_comfyui_unet,
+    export_diffusers,
+    export_kohya_lora,
+    load_generator_unet,
+    load_sdxl_components,
+    load_state_dict_file,
+    peft_lora_to_kohya,
+    sdxl_checkpoint_state_dict,
+    sdxl_components_from_checkpoint,
+    unet_from_original,
+    unet_to_original,
+)
+from diffusers_di_star.export import files as export_files
+from diffusers_di_star.export.loading import build_empty_component
+from diffusers_di_star.export.sdxl_keys import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    clip_g_from_original,
+    clip_l_from_original,
+    vae_from_original,
+)
+from diffusers_di_star.testing import TEXT_HIDDEN_SIZES, get_tiny_unet
+from diffusers_di_star.weights import CheckpointError
+
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+# Published sd_xl_base_1.0.safetensors: 2,515 tensors; a sample of its names with their shapes.
+PUBLISHED_SDXL_TENSORS = {
+    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    "model.diffusion_model.time_embed.0.weight": (1280, 320),
+    "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+    "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.0.proj.weight": (10240, 1280),
+    "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight": (768, 768),
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+    "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+    "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+    "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280),
+    "conditioner.embedders.1.model.text_projection": (1280, 1280),
+    "conditioner.embedders.1.model.logit_scale": (),
+}
+
+
+def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module, dtype: torch.dtype | None = None):
+    expected, actual = expected.state_dict(), actual.state_dict()
+    assert set(expected) == set(actual)
+    for key, value in expected.items():
+        value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        assert torch.equal(value, actual[key]), key
+
+
+# ----------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny(tiny_sdxl_dir) -> dict:
+    return load_sdxl_components(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_sdxl_dir, tmp_path_factory) -> str:
+    return export_comfyui_checkpoint(tiny_sdxl_dir, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def meta_sdxl() -> dict:
+    """Full-size SDXL base components from the bundled configs, parameters on the meta device."""
+    return {name: build_empty_component(name) for name in SDXL_COMPONENTS}
+
+
+@pytest.fixture(scope="module")
+def meta_checkpoint(meta_sdxl) -> dict[str, torch.Tensor]:
+    return sdxl_checkpoint_state_dict(meta_sdxl)
+
+
+# ------------------------------------------------------------------------------------------- full-size layout
+def test_full_size_single_file_has_the_published_sdxl_layout(meta_checkpoint):
+    counts = {p: sum(k.startswith(p) for k in meta_checkpoint) for p in (UNET_PREFIX, VAE_PREFIX)}
+    counts |= {p: sum(k.startswith(p) for k in meta_checkpoint) for p in (CLIP_L_PREFIX, CLIP_G_PREFIX)}
+    assert counts == {UNET_PREFIX: 1680, VAE_PREFIX: 248, CLIP_L_PREFIX: 197, CLIP_G_PREFIX: 390}
+    assert len(meta_checkpoint) == 2515
+    unet_params = sum(v.numel() for k, v in meta_checkpoint.items() if k.startswith(UNET_PREFIX))
+    assert unet_params == 2_567_463_684
+    assert {k: tuple(meta_checkpoint[k].shape) for k in PUBLISHED_SDXL_TENSORS} == PUBLISHED_SDXL_TENSORS
+    assert single_file_utils.infer_diffusers_model_type(meta_checkpoint) == "xl_base"
+
+
+def test_full_size_unet_maps_to_diffusers_converter_tensor_for_tensor(meta_sdxl):
+    unet = meta_sdxl["unet"]
+    expected = unet.state_dict()
+    assert len(expected) == 1680 and sum(v.numel() for v in expected.values()) == 2_567_463_684
+    checkpoint = unet_to_original(expected, unet.config)
+    theirs = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    ours = unet_from_original(checkpoint, unet.config)
+    for converted in (theirs, ours):  # pure renames: the very same tensor objects come back, under the same names
+        assert converted.keys() == expected.keys()
+        assert all(converted[k] is expected[k] for k in expected)
+
+
+def test_full_size_vae_and_text_encoders_match_diffusers_converters(meta_sdxl, meta_checkpoint):
+    vae, text_encoder, text_encoder_2 = (meta_sdxl[n] for n in ("vae", "text_encoder", "text_encoder_2"))
+    shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    for converted in (
+        single_file_utils.convert_ldm_vae_checkpoint(meta_checkpoint, dict(vae.config)),
+        vae_from_original(meta_checkpoint, vae.config),
+    ):
+        assert {k: v.shape for k, v in converted.items()} == shapes
+    clip_l = {
+        k.removeprefix("text_model."): v
+        for k, v in single_file_utils.convert_ldm_clip_checkpoint(meta_checkpoint).items()
+    }
+    clip_l.pop("embeddings.position_ids")
+    assert {k: v.shape for k, v in clip_l.items()} == {k: v.shape for k, v in text_encoder.state_dict().items()}
+    assert clip_l.keys() == clip_l_from_original(meta_checkpoint).keys()
+    clip_g = single_file_utils.convert_open_clip_checkpoint(text_encoder_2, meta_checkpoint, prefix=CLIP_G_PREFIX)
+    assert {k: v.shape for k, v in clip_g.items()} == {k: v.shape for k, v in text_encoder_2.state_dict().items()}
+    text_model, projection = clip_g_from_original(meta_checkpoint)
+    ours = {f"text_model.{k}": v.shape for k, v in text_model.items()} | {"text_projection.weight": projection.shape}
+    assert ours == {k: v.shape for k, v in clip_g.items()}
+
+
+def test_bundled_configs_build_the_published_architectures():
+    unet = UNet2DConditionModel.load_config(SDXL_BASE_CONFIG_DIR, subfolder="unet")
+    assert unet == load_sdxl_config("unet") and unet["cross_attention_dim"] == 2048
+    assert load_sdxl_config("text_encoder_2")["projection_dim"] == 1280
+    with pytest.raises(ValueError, match="unknown SDXL component 'tokenizer'"):
+        load_sdxl_config("tokenizer")
+
+
+# ------------------------------------------------------------------------------------------ tiny model values
+def test_tiny_checkpoint_loads_identically_with_diffusers_from_single_file(tiny_sdxl_dir, tiny, tiny_checkpoint):
+    pipe = StableDiffusionXLPipeline.from_single_file(tiny_checkpoint, config=tiny_sdxl_dir, local_files_only=True)
+    for name in SDXL_COMPONENTS:
+        assert_same_weights(tiny[name], getattr(pipe, name))
+    metadata = export_files.read_metadata(tiny_checkpoint)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert metadata["modelspec.resolution"] == "64x64" and metadata["di_star.conditioning_timestep"] == "399"
+
+
+def test_tiny_checkpoint_converts_back_to_a_diffusers_pipeline(tiny_sdxl_dir, tiny, tiny_checkpoint, tmp_path):
+    components = sdxl_components_from_checkpoint(load_state_dict_file(tiny_checkpoint), base_model=tiny_sdxl_dir)
+    export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir)
+    out = export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir, overwrite=True)  # folder swap
+    assert os.listdir(tmp_path) == ["pipe"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    for name in SDXL_COMPONENTS:
+        assert_same_weights(tiny[name], components[name])
+        assert_same_weights(tiny[name], getattr(pipe, name))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_checkpoint_casts_only_floating_weights(tiny_sdxl_dir, tiny, dtype, tmp_path):
+    path = export_comfyui_checkpoint(tiny, tmp_path / "tiny.safetensors", dtype=dtype)
+    torch_dtype = export_files.TORCH_DTYPES[dtype]
+    checkpoint = load_file(path)
+    assert checkpoint[f"{CLIP_L_PREFIX}text_model.embeddings.position_ids"].dtype == torch.int64
+    assert {v.dtype for k, v in checkpoint.items() if not k.endswith("position_ids")} == {torch_dtype}
+    components = sdxl_components_from_checkpoint(checkpoint, base_model=tiny_sdxl_dir)
+    assert_same_weights(tiny["unet"], components["unet"], torch_dtype)
+
+
+def test_unet_only_file_loads_with_from_single_file_and_load_generator_unet(tiny_sdxl_dir, tiny, tmp_path):
+    path = export_comfyui_unet(tiny_sdxl_dir, tmp_path / "unet.safetensors", dtype="fp32")
+    assert checkpoint_kind(load_file(path)) == "unet-original"
+    theirs = UNet2DConditionModel.from_single_file(path, config=tiny_sdxl_dir, subfolder="unet", local_files_only=True)
+    assert_same_weights(tiny["unet"], theirs)
+    assert_same_weights(tiny["unet"], load_generator_unet(path, base_model=tiny_sdxl_dir))
+
+
+def test_load_generator_unet_reads_legacy_layouts(tiny_sdxl_dir, tiny, tmp_path):
+    unet = tiny["unet"]
+    torch.save(unet.state_dict(), tmp_path / "dmd2_unet.bin")  # DMD2's pickled state dict
+    assert_same_weights(unet, load_generator_unet(str(tmp_path / "dmd2_unet.bin"), base_model=tiny_sdxl_dir))
+    unet.save_pretrained(tmp_path / "repo" / "unet", variant="fp16")  # XDG-XHS/*/unet: only an fp16 variant
+    fp16_file = tmp_path / "repo" / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    assert_same_weights(unet, load_generator_unet(str(fp16_file)))  # config.json beside the file
+    assert_same_weights(unet, load_generator_unet(str(tmp_path / "repo"), subfolder="unet"))
+    assert_same_weights(unet, load_generator_unet(tiny_sdxl_dir))  # a pipeline folder
+    half = load_generator_unet(str(tmp_path / "dmd2_unet.bin"), base_model=tiny_sdxl_dir, torch_dtype=torch.float16)
+    assert half.dtype == torch.float16
+
+
+def test_full_size_dmd2_bin_loads_with_the_bundled_sdxl_config(meta_sdxl, tmp_path):
+    # A DMD2-style pickled state dict of the full SDXL UNet, saved from meta tensors (keys and shapes, no weights):
+    # with no config beside it, the bundled SDXL base config gives the architecture, offline.
+    torch.save(meta_sdxl["unet"].state_dict(), tmp_path / "dmd2_sdxl_1step_unet.bin")
+    unet = load_generator_unet(str(tmp_path / "dmd2_sdxl_1step_unet.bin"))
+    assert len(unet.state_dict()) == 1680 and sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+_unpickled_code_ran = False
+
+
+def _mark_code_ran():
+    global _unpickled_code_ran
+    _unpickled_code_ran = True
+
+
+class _CodeCarryingPickle:
+    def __reduce__(self):
+        return _mark_code_ran, ()
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil_unet.bin"
+    torch.save({"conv_in.weight": torch.zeros(1), "payload": _CodeCarryingPickle()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*not a plain state dict"):
+        load_generator_unet(str(path))
+    assert not _unpickled_code_ran
+
+
+def test_non_sdxl_models_are_refused(tiny_sdxl_dir, tmp_path):
+    sd15_pipeline = tmp_path / "sd15"
+    sd15_pipeline.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (sd15_pipeline / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match=r"not an SDXL pipeline.*has no \['vae', 'text_encoder', 'text_encoder_2'\]"):
+        export_comfyui_checkpoint(str(sd15_pipeline), tmp_path / "out.safetensors")
+    sd15_unet = UNet2DConditionModel(  # SD 1.5's layout: no added "text_time" conditioning
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+        sample_size=8,
+    )
+    sd15_unet.save_pretrained(tmp_path / "sd15_unet")
+    with pytest.raises(ExportError, match="not an SDXL UNet: addition_embed_type=None"):
+        export_comfyui_unet(str(tmp_path / "sd15_unet"), tmp_path / "out.safetensors")
+    assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ file safety
+def test_existing_output_is_kept_unless_overwrite(tiny, tmp_path):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export_comfyui_unet(tiny["unet"], out)
+    assert out.read_bytes() == b"keep me"
+    export_comfyui_unet(tiny["unet"], out, overwrite=True)
+    assert checkpoint_kind(load_file(out)) == "unet-original"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # not the private mode of the temporary file
+
+
+def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny, tmp_path, monkeypatch):
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a header")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_files, "save_file", disk_full)
+    out = tmp_path / "unet.safetensors"
+    with pytest.raises(ExportError, match="No space left on device.*Nothing was written"):
+        export_comfyui_unet(tiny["unet"], out)
+    assert os.listdir(tmp_path) == []
+    out.write_bytes(b"previous export")
+    with pytest.raises(ExportError):
+        export_comfyui_unet(tiny["unet"], out, overwrite=True)
+    assert os.listdir(tmp_path) == ["unet.safetensors"] and out.read_bytes() == b"previous export"
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+RANK, LORA_ALPHA = 4, 16.0  # lora_alpha != rank on purpose: the PEFT scale is 4, not 1
+
+
+def _save_tiny_lora(folder, **patterns) -> dict:
+    """A tiny UNet with a LoRA on attention, resnet convs, time-embedding projections and feed-forward layers, saved
+    as Diffusers does (adapter config in the metadata), plus fixed inputs and the adapted UNet's output."""
+    unet = get_tiny_unet()
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"],
+        init_lora_weights=False,  # random A and B, so every module changes the output
+        **patterns,
+    )
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([399, 399]),
+        "encoder_hidden_states": torch.randn(2, 7, sum(TEXT_HIDDEN_SIZES), generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, TEXT_HIDDEN_SIZES[1], generator=generator),
+            "time_ids": torch.randn(2, 6, generator=generator),
+        },
+    }
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict()
+    )
+    return {"folder": str(folder), "inputs": inputs, "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory) -> dict:
+    """lora_alpha != r, plus a per-module rank and a per-module alpha."""
+    patterns = {"rank_pattern": {"ff.net.2": 2}, "alpha_pattern": {"attn2.to_k": 3.0}}
+    return _save_tiny_lora(tmp_path_factory.mktemp("lora"), **patterns)
+
+
+@pytest.fixture(scope="module")
+def uniform_lora(tmp_path_factory) -> dict:
+    """lora_alpha != r, the same for every module (Diffusers' kohya reader drops per-module alphas)."""
+    return _save_tiny_lora(tmp_path_factory.mktemp("uniform_lora"))
+
+
+def _apply_kohya_with_the_kohya_formula(kohya: dict[str, torch.Tensor], base_unet) -> UNet2DConditionModel:
+    """Independent kohya application (as ComfyUI/A1111 do it): W += alpha / rank · up·down on the original-layout
+    weights found by name, then Diffusers' own converter brings the weights back to a Diffusers UNet."""
+    original = {k: v.clone() for k, v in unet_to_original(base_unet.state_dict(), base_unet.config).items()}
+    by_kohya_name = {k[len(UNET_PREFIX) : -len(".weight")].replace(".", "_"): k for k in original}
+    for key, down in kohya.items():
+        if key.endswith(".lora_down.weight"):
+            name = key.split(".")[0]
+            up, alpha, rank = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"].item(), down.shape[0]
+            weight = original[by_kohya_name[name.removeprefix("lora_unet_")]]
+            weight += alpha / rank * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    unet = get_tiny_unet()
+    unet.load_state_dict(single_file_utils.convert_ldm_unet_checkpoint(original, dict(unet.config)))
+    return unet
+
+
+def _output(unet, lora) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**lora["inputs"]).sample
+
+
+def test_kohya_lora_with_true_alpha_reproduces_the_diffusers_output(tiny_sdxl_dir, tiny_lora, tmp_path):
+    path = export_kohya_lora(
+        tiny_lora["folder"], tmp_path / "kohya.safetensors", dtype="fp32", base_model=tiny_sdxl_dir
+    )
+    kohya = load_file(path)
+    assert checkpoint_kind(kohya) == "kohya-lora"
+    assert kohya["lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha"].item() == LORA_ALPHA
+    assert kohya["lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k.alpha"].item() == 3.0
+    assert kohya["lora_unet_input_blocks_3_1_transformer_blocks_0_ff_net_2.lora_down.weight"].shape[0] == 2
+    unet = _apply_kohya_with_the_kohya_formula(kohya, get_tiny_unet())
+    torch.testing.assert_close(_output(unet, tiny_lora), tiny_lora["expected"], rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_convert_state_dict_to_kohya_writes_alpha_equal_to_rank(tiny_sdxl_dir, uniform_lora, tmp_path):
+    # Why we do not use it: it writes alpha = rank, so kohya readers apply scale 1 instead of lora_alpha / r = 4;
+    # even Diffusers' own kohya reader then gets a different UNet.
+    peft = load_file(os.path.join(uniform_lora["folder"], "pytorch_lora_weights.safetensors"))
+    theirs = convert_state_dict_to_kohya(peft)
+    assert {v.item() for k, v in theirs.items() if k.endswith(".alpha")} == {RANK}  # not the trained 16
+    save_file(theirs, tmp_path / "theirs.safetensors")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(tmp_path), weight_name="theirs.safetensors")
+    assert (_output(pipe.unet, uniform_lora) - uniform_lora["expected"]).abs().max() > 0.1
+
+
+def test_diffusers_loads_our_kohya_file(tiny_sdxl_dir, uniform_lora, tmp_path):
+    run = ["export", "--model", uniform_lora["folder"], "--format", "kohya-lora", "--base-model", tiny_sdxl_dir]
+    assert main([*run, "--dtype", "fp32", "--out", str(tmp_path / "kohya.safetensors")]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    torch.testing.assert_close(_output(pipe.unet, uniform_lora), uniform_lora["expected"], rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_round_trip_back_to_peft_keeps_per_module_rank_and_alpha(tiny_sdxl_dir, tiny_lora, tmp_path):
+    kohya = export_kohya_lora(
+        tiny_lora["folder"], tmp_path / "kohya.safetensors", dtype="fp32", base_model=tiny_sdxl_dir
+    )
+    back = export_diffusers(kohya, tmp_path / "peft", base_model=tiny_sdxl_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(back)
+    torch.testing.assert_close(_output(pipe.unet, tiny_lora), tiny_lora["expected"], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_without_alpha_metadata_needs_lora_alpha(tiny_sdxl_dir, tiny_lora, tmp_path):
+    bare = tmp_path / "bare.safetensors"  # what older trainers write: weights only, no adapter config
+    save_file(load_file(os.path.join(tiny_lora["folder"], "pytorch_lora_weights.safetensors")), bare)
+    with pytest.raises(ExportError, match="no lora_alpha in its metadata.*--lora-alpha"):
+        export_kohya_lora(bare, tmp_path / "kohya.safetensors", base_model=tiny_sdxl_dir)
+    path = export_kohya_lora(bare, tmp_path / "kohya.safetensors", base_model=tiny_sdxl_dir, lora_alpha=LORA_ALPHA)
+    assert load_file(path)["lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha"].item() == LORA_ALPHA
+    with pytest.raises(ExportError, match="says lora_alpha=16.0, but lora_alpha=8.0 was passed"):
+        export_kohya_lora(
+            tiny_lora["folder"], tmp_path / "other.safetensors", base_model=tiny_sdxl_dir, lora_alpha=8.0
+        )
+
+
+def test_rslora_scale_becomes_the_kohya_alpha():
+    lora = {
+        "unet.conv_in.lora_A.weight": torch.ones(4, 4, 3, 3),
+        "unet.conv_in.lora_B.weight": torch.ones(32, 4, 1, 1),
+    }
+    kohya = peft_lora_to_kohya(lora, get_tiny_unet().config, {"lora_alpha": 8, "use_rslora": True})
+    assert kohya["lora_unet_input_blocks_0_0.alpha"].item() == pytest.approx(8 / 2 * 4)  # scale alpha/sqrt(r), x r
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def test_cli_export_end_to_end(tiny_sdxl_dir, tiny, tmp_path, capsys):
+    checkpoint, unet, back = tmp_path / "tiny.safetensors", tmp_path / "unet.safetensors", tmp_path / "back"
+    run = ["export", "--model", tiny_sdxl_dir, "--dtype", "fp32"]
+    assert main([*run, "--format", "comfyui-checkpoint", "--out", str(checkpoint)]) == 0
+    assert main([*run, "--format", "comfyui-unet", "--out", str(unet), "--conditioning-timestep", "500"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(unet),
+                "--format",
+                "diffusers",
+                "--base-model",
+                tiny_sdxl_dir,
+                "--out",
+                str(back),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.split() == [str(checkpoint), str(unet), str(back)]
+    assert export_files.read_metadata(unet)["di_star.conditioning_timestep"] == "500"
+    assert_same_weights(tiny["unet"], UNet2DConditionModel.from_pretrained(back))
+    assert main([*run, "--format", "comfyui-checkpoint", "--out", str(checkpoint)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*run, "--format", "comfyui-checkpoint", "--out", str(checkpoint), "--overwrite"]) == 0
+
+
+def test_cli_offers_exactly_the_export_formats():
+    assert _EXPORT_FORMATS == tuple(FORMATS)  # the CLI lists them without importing torch for --help
+
+
+def test_cli_rejects_options_the_format_does_not_use(tiny_sdxl_dir, tmp_path, capsys):
+    out = str(tmp_path / "x.safetensors")
+    assert (
+        main(["export", "--model", tiny_sdxl_dir, "--format", "comfyui-checkpoint", "--lora-alpha", "8", "--out", out])
+        == 2
+    )
+    assert "--lora-alpha does not apply to --format comfyui-checkpoint" in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
+    (tmp_path / "taken.safetensors").write_bytes(b"x")
+    command = [sys.executable, "-m", "diffusers_di_star.cli", "export", "--model", str(tmp_path / "nothing.bin")]
+    command += ["--format", "comfyui-unet", "--out", str(tmp_path / "taken.safetensors")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "di-star export: error:" in result.stderr and "already exists" in result.stderr
