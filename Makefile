@@ -18,6 +18,13 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/di-star demo --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/toy_2d.py --quick --out $(DEMO_OUT)/toy
+	printf "a cat wearing sunglasses\na fox in a snowy forest\na red chair\n" > $(DEMO_OUT)/prompts.txt
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/train_di_star_sdxl.py --pretrained_model_name_or_path $(DEMO_OUT)/tiny-sdxl \
+		--train_data_file $(DEMO_OUT)/prompts.txt --resolution 64 --max_train_steps 3 --reward_scale 0 \
+		--report_to none --output_dir $(DEMO_OUT)/di-star-tiny
+	HF_HUB_OFFLINE=1 $(BIN)/di-star generate --model $(DEMO_OUT)/di-star-tiny --prompt "a cat wearing sunglasses" \
+		--height 64 --width 64 --out $(DEMO_OUT)/di-star-tiny-images
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

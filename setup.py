@@ -24,8 +24,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.35",
-        "transformers>=4.49",
+        "diffusers>=0.42",
+        "transformers>=5.0",
         "tokenizers>=0.20",
         "peft>=0.15",
         "accelerate>=1.0",

@@ -38,7 +38,7 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
     if not is_local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
         raise CLIError(f"--model {model!r} is neither a local folder nor a Hub id (expected 'owner/name' or a path).")
     try:
-        pipe = DIStarSDXLPipeline.from_pretrained(model, torch_dtype=_torch_dtype(dtype), variant=variant)
+        pipe = DIStarSDXLPipeline.from_pretrained(model, dtype=_torch_dtype(dtype), variant=variant)
     except (OSError, ValueError) as err:
         if is_local:
             raise CLIError(f"could not load the pipeline folder {model!r}: {err}") from err

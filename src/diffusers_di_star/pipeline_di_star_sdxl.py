@@ -2,6 +2,7 @@
 """`DIStarSDXLPipeline`: one-step 1024² text-to-image with a Diff-Instruct* (or DMD2-style) SDXL generator."""
 
 import importlib.util
+import inspect
 import json
 import warnings
 from collections.abc import Callable
@@ -97,7 +98,9 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     ):
         if scheduler is not None and not isinstance(scheduler, LCMScheduler):
-            scheduler = LCMScheduler.from_config(scheduler.config)
+            # Same betas, hence the same alphas_cumprod; drop the other scheduler's own options quietly.
+            accepted = inspect.signature(LCMScheduler.__init__).parameters
+            scheduler = LCMScheduler.from_config({k: v for k, v in scheduler.config.items() if k in accepted})
         super().__init__(
             vae=vae,
             text_encoder=text_encoder,

@@ -1,0 +1,25 @@
+"""DI* training in the package (ARCHITECTURE.md): settings, prompt data, the three networks, one step of each kind.
+
+The accelerate loop, argparse and logging live in ``examples/train_di_star_sdxl.py``.
+"""
+
+from .config import CFG_MODES, DEFAULT_LORA_TARGET_MODULES, DIVERGENCES, DIStarConfig
+from .data import load_prompts, prompt_batch
+from .models import ROLES, DIStarNetworks, setup_networks
+from .steps import Conditioning, assistant_loss, encode_prompts, generator_loss
+
+__all__ = [
+    "CFG_MODES",
+    "DEFAULT_LORA_TARGET_MODULES",
+    "DIVERGENCES",
+    "ROLES",
+    "Conditioning",
+    "DIStarConfig",
+    "DIStarNetworks",
+    "assistant_loss",
+    "encode_prompts",
+    "generator_loss",
+    "load_prompts",
+    "prompt_batch",
+    "setup_networks",
+]

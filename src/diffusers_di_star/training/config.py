@@ -1,0 +1,96 @@
+"""The DI* training settings (DI_STAR_MATH.md §5, "settings the trainer must expose"), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
+from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
+
+__all__ = ["DIVERGENCES", "CFG_MODES", "DEFAULT_LORA_TARGET_MODULES", "DIStarConfig"]
+
+#: The regularisers: the score divergence with pseudo-Huber or L2 distance (DI*, eq. 3.2), or the integral KL (DI++).
+DIVERGENCES = (*DISTANCES, "kl")
+
+#: Where classifier-free guidance enters (§4): the CFG-enhanced reference ("inner", DI*-In) or the implicit reward.
+CFG_MODES = ("inner", "reward")
+
+#: The attention projections that diffusers' SDXL LoRA examples adapt.
+DEFAULT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class DIStarConfig:
+    """Everything one DI* training step needs besides the networks and the data.
+
+    Args:
+        reward_scale: α_rew of eq. 3.1 (paper: 100 with PickScore); 0 skips the reward and the VAE decode (SIM).
+        cfg_mode: ``"inner"`` uses ε̂_ref^γ in y_t (§4 Choice 2); ``"reward"`` adds the implicit CFG reward (Choice 1).
+        guidance_scale: γ of the CFG-enhanced reference (paper: 7.5); only used with ``cfg_mode="inner"``.
+        cfg_reward_scale: α_cfg of the implicit CFG reward; only used with ``cfg_mode="reward"``.
+        divergence: ``"pseudo_huber"`` (DI*), ``"l2"`` (Fisher divergence) or ``"kl"`` (Diff-Instruct / DI++).
+        huber_c: c of the pseudo-Huber distance.
+        weighting: w(t) by name (:data:`~diffusers_di_star.losses.TIME_WEIGHTINGS`).
+        min_timestep, max_timestep: the range of π(t) = U{min, …, max} (DMD2: 20, 980).
+        conditioning_timestep: t* of the one-step map.
+        assistant_updates_per_step: K_TA, assistant updates before each generator update (DMD2: 5).
+        resolution: training image size in pixels (a multiple of 8).
+        use_lora: generator and assistant as LoRA adapters (one shared UNet) instead of full copies.
+        generator_lora_rank, generator_lora_alpha, assistant_lora_rank, assistant_lora_alpha: LoRA sizes.
+        generator_lora_target_modules, assistant_lora_target_modules: module names the adapters wrap.
+    """
+
+    reward_scale: float = 100.0
+    cfg_mode: str = "inner"
+    guidance_scale: float = 7.5
+    cfg_reward_scale: float = 1.0
+    divergence: str = "pseudo_huber"
+    huber_c: float = 1.0
+    weighting: str = "sigma"
+    min_timestep: int = DEFAULT_T_MIN
+    max_timestep: int = DEFAULT_T_MAX
+    conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP
+    assistant_updates_per_step: int = 1
+    resolution: int = 1024
+    use_lora: bool = True
+    generator_lora_rank: int = 64
+    generator_lora_alpha: float = 64.0
+    assistant_lora_rank: int = 64
+    assistant_lora_alpha: float = 64.0
+    generator_lora_target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGET_MODULES)
+    assistant_lora_target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGET_MODULES)
+
+    def __post_init__(self):
+        self.generator_lora_target_modules = tuple(self.generator_lora_target_modules)
+        self.assistant_lora_target_modules = tuple(self.assistant_lora_target_modules)
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("cfg_mode", self.cfg_mode, CFG_MODES)
+        _choice("weighting", self.weighting, tuple(TIME_WEIGHTINGS))
+        for name in ("reward_scale", "cfg_reward_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.guidance_scale < 1:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 = no guidance), got {self.guidance_scale}.")
+        if self.huber_c <= 0:
+            raise ValueError(f"`huber_c` must be > 0, got {self.huber_c}.")
+        if not 0 <= self.min_timestep <= self.max_timestep <= 999:
+            raise ValueError(
+                f"need 0 <= min_timestep <= max_timestep <= 999, got {self.min_timestep} and {self.max_timestep}."
+            )
+        if not 0 <= self.conditioning_timestep <= 999:
+            raise ValueError(f"`conditioning_timestep` must be in [0, 999], got {self.conditioning_timestep}.")
+        if self.assistant_updates_per_step < 1:
+            raise ValueError(f"`assistant_updates_per_step` must be >= 1, got {self.assistant_updates_per_step}.")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"`resolution` must be a positive multiple of 8 (the VAE factor), got {self.resolution}.")
+        for role in ("generator", "assistant"):
+            rank, alpha = getattr(self, f"{role}_lora_rank"), getattr(self, f"{role}_lora_alpha")
+            if rank < 1 or alpha <= 0:
+                raise ValueError(f"`{role}_lora_rank` must be >= 1 and `{role}_lora_alpha` > 0, got {rank}, {alpha}.")
+            if not getattr(self, f"{role}_lora_target_modules"):
+                raise ValueError(f"`{role}_lora_target_modules` is empty: name at least one module, e.g. to_q.")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")

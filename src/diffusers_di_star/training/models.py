@@ -1,0 +1,142 @@
+"""The three DI* networks (DI_STAR_MATH.md §2) and how they share weights (ARCHITECTURE.md, "three networks").
+
+* LoRA: generator g_θ and assistant s_ψ are two peft adapters on ONE SDXL UNet and the reference s_ref is that UNet
+  with its adapters disabled. When the generator starts from a different full UNet (DMD2), it is a second UNet with
+  its own adapter; assistant and reference still share the base.
+* Full finetuning: separate copies; the reference is frozen.
+
+Frozen weights are kept in the weight dtype, trainable ones in float32. :meth:`DIStarNetworks.unet` switches the
+adapters for a role; a loss must be backpropagated before another role is used on the same UNet, because peft
+toggles ``requires_grad`` on switching (gradients of a graph built under another adapter are silently dropped) and
+gradient checkpointing recomputes the forward under the *current* adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from .config import DIStarConfig
+
+__all__ = ["ROLES", "DIStarNetworks", "setup_networks"]
+
+#: g_θ, s_ψ and s_ref.
+ROLES = ("generator", "assistant", "reference")
+
+
+@dataclass
+class DIStarNetworks:
+    """g_θ, s_ψ and s_ref; with LoRA some are the same module with a different adapter (``None`` = adapters off).
+
+    ``wrapped`` maps a trained role to the module to call when that role is *trained* (the ``accelerator.prepare``-d,
+    e.g. DDP-wrapped, UNet); frozen evaluations always call the bare module, so no gradient-sync hook waits on them.
+    """
+
+    generator_unet: UNet2DConditionModel
+    assistant_unet: UNet2DConditionModel
+    reference_unet: UNet2DConditionModel
+    generator_adapter: str | None = None
+    assistant_adapter: str | None = None
+    wrapped: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def use_lora(self) -> bool:
+        return self.generator_adapter is not None
+
+    def bare_unet(self, role: str) -> UNet2DConditionModel:
+        """The unwrapped UNet that plays ``role`` (adapters not switched)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
+        return getattr(self, f"{role}_unet")
+
+    def adapter(self, role: str) -> str | None:
+        return {"generator": self.generator_adapter, "assistant": self.assistant_adapter}.get(role)
+
+    def unet(self, role: str, train: bool = False) -> torch.nn.Module:
+        """Activate ``role``'s adapter (or disable adapters for the reference) and return the module to call.
+
+        With ``train=True`` the prepared module from :attr:`wrapped` is returned, for the forward whose backward
+        updates the role's parameters.
+        """
+        unet = self.bare_unet(role)
+        if getattr(unet, "peft_config", None):
+            adapter = self.adapter(role)
+            if adapter is None:
+                unet.disable_adapters()
+            else:
+                unet.enable_adapters()
+                unet.set_adapter(adapter)
+        return self.wrapped.get(role, unet) if train else unet
+
+    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
+        """θ (``"generator"``) or ψ (``"assistant"``): the LoRA weights of the role's adapter, or the whole UNet."""
+        if role == "reference":
+            raise ValueError("the reference network is frozen: it has no trainable parameters")
+        unet, adapter = self.bare_unet(role), self.adapter(role)
+        if adapter is None:
+            return list(unet.parameters())
+        return [p for name, p in unet.named_parameters() if f".{adapter}." in name]
+
+    def lora_state_dict(self, role: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The role's LoRA in diffusers' ``save_lora_weights`` key format, and its peft config as metadata."""
+        unet, adapter = self.bare_unet(role), self.adapter(role)
+        state_dict = get_peft_model_state_dict(unet, adapter_name=adapter)
+        return convert_state_dict_to_diffusers(state_dict), unet.peft_config[adapter].to_dict()
+
+
+def setup_networks(
+    config: DIStarConfig,
+    reference_unet: UNet2DConditionModel,
+    generator_unet: UNet2DConditionModel | None = None,
+    weight_dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+) -> DIStarNetworks:
+    """Build g_θ, s_ψ, s_ref from the reference UNet (SDXL base) and optionally a different generator init (DMD2).
+
+    Modifies ``reference_unet`` (and ``generator_unet``) in place: frozen weights are cast to ``weight_dtype``,
+    adapters are added in float32. Without LoRA, g_θ and s_ψ are float32 copies; s_ψ always starts as s_ref (§2).
+    """
+    reference_unet.requires_grad_(False).to(dtype=weight_dtype)
+    if generator_unet is not None:
+        generator_unet.requires_grad_(False).to(dtype=weight_dtype)
+    if config.use_lora:
+        generator_base = reference_unet if generator_unet is None else generator_unet
+        generator_base.add_adapter(_lora_config(config, "generator"), adapter_name="generator")
+        reference_unet.add_adapter(_lora_config(config, "assistant"), adapter_name="assistant")
+        networks = DIStarNetworks(
+            generator_base,
+            reference_unet,
+            reference_unet,
+            generator_adapter="generator",
+            assistant_adapter="assistant",
+        )
+    else:
+        generator = copy.deepcopy(reference_unet if generator_unet is None else generator_unet)
+        networks = DIStarNetworks(generator, copy.deepcopy(reference_unet), reference_unet)
+    for role in ("generator", "assistant"):
+        unet = networks.bare_unet(role)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        if not config.use_lora:
+            unet.to(dtype=torch.float32)
+        for parameter in networks.trainable_parameters(role):
+            parameter.requires_grad_(True)
+        cast_training_params(unet, dtype=torch.float32)
+    return networks
+
+
+def _lora_config(config: DIStarConfig, role: str) -> LoraConfig:
+    return LoraConfig(
+        r=getattr(config, f"{role}_lora_rank"),
+        lora_alpha=getattr(config, f"{role}_lora_alpha"),
+        init_lora_weights="gaussian",
+        target_modules=list(getattr(config, f"{role}_lora_target_modules")),
+    )
