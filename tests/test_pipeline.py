@@ -307,3 +307,14 @@ def test_from_single_file_loads_our_comfyui_checkpoint(tiny_sdxl_dir, tmp_path):
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.conditioning_timestep == 399
     expected = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)(PROMPTS, generator=gen(), output_type="np").images
     np.testing.assert_array_equal(pipe(PROMPTS, generator=gen(), output_type="np").images, expected)
+
+
+def test_scheduler_conversion_keeps_lcm_defaults(tiny_components):
+    """A DDPM scheduler defaults to clip_sample=True; the converted LCM must not inherit that default."""
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler.from_config(tiny_components["scheduler"].config)
+    assert ddpm.config.clip_sample
+    pipe = make_pipe({**tiny_components, "scheduler": ddpm})
+    assert isinstance(pipe.scheduler, LCMScheduler) and not pipe.scheduler.config.clip_sample
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, ddpm.alphas_cumprod)

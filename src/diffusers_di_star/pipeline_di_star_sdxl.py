@@ -98,9 +98,11 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     ):
         if scheduler is not None and not isinstance(scheduler, LCMScheduler):
-            # Same betas, hence the same alphas_cumprod; drop the other scheduler's own options quietly.
+            # Same betas, hence the same alphas_cumprod. Drop the other scheduler's own options quietly, but keep the
+            # private keys: `_use_default_values` lets LCM use its own defaults where the old one used its (clip_sample).
             accepted = inspect.signature(LCMScheduler.__init__).parameters
-            scheduler = LCMScheduler.from_config({k: v for k, v in scheduler.config.items() if k in accepted})
+            config = {k: v for k, v in scheduler.config.items() if k in accepted or k.startswith("_")}
+            scheduler = LCMScheduler.from_config(config)
         super().__init__(
             vae=vae,
             text_encoder=text_encoder,
