@@ -84,8 +84,9 @@ def one_step_images(pipe_class, model, lora_dir=None, **kwargs):
             "2",
         ],
         ["--use_lora", "--divergence", "kl", "--assistant_updates_per_step", "2", "--gradient_checkpointing"],
+        ["--use_lora", "--mixed_precision", "bf16", "--gradient_checkpointing"],  # the paper's precision
     ],
-    ids=["lora-pseudo_huber-inner", "lora-l2-reward-ema", "lora-kl"],
+    ids=["lora-pseudo_huber-inner", "lora-l2-reward-ema", "lora-kl", "lora-bf16-checkpointing"],
 )
 def test_lora_run_loads_in_both_pipelines(script, tiny_sdxl_dir, prompt_file, tmp_path, extra):
     assert run(script, *train_args(tiny_sdxl_dir, prompt_file, tmp_path, *extra)) == 0

@@ -1,14 +1,23 @@
-"""diffusers-di-star: Diff-Instruct* (DI*) one-step SDXL generators for Diffusers."""
+"""diffusers-di-star: Diff-Instruct* (DI*) one-step SDXL generators for Diffusers.
 
+The main entry points; the rest lives in its sub-module: ``losses`` (the DI* terms), ``rewards``, ``training``,
+``export`` (ComfyUI / kohya), ``testing`` (a tiny offline SDXL).
+"""
+
+__version__ = "0.1.0.dev0"  # before the imports: sub-modules write it into file metadata
+
+from .export import load_generator_unet
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, decode_latents, generate_x0
 from .pipeline_di_star_sdxl import DIStarSDXLPipeline, DIStarSDXLPipelineOutput
-
-__version__ = "0.1.0.dev0"
+from .rewards import RewardModel, load_reward
 
 __all__ = [
     "DEFAULT_CONDITIONING_TIMESTEP",
     "DIStarSDXLPipeline",
     "DIStarSDXLPipelineOutput",
+    "RewardModel",
     "decode_latents",
     "generate_x0",
+    "load_generator_unet",
+    "load_reward",
 ]

@@ -99,7 +99,7 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
     ):
         if scheduler is not None and not isinstance(scheduler, LCMScheduler):
             # Same betas, hence the same alphas_cumprod. Drop the other scheduler's own options quietly, but keep the
-            # private keys: `_use_default_values` lets LCM use its own defaults where the old one used its (clip_sample).
+            # private keys: `_use_default_values` lets LCM keep its defaults where the old one had its own (clip_sample).
             accepted = inspect.signature(LCMScheduler.__init__).parameters
             config = {k: v for k, v in scheduler.config.items() if k in accepted or k.startswith("_")}
             scheduler = LCMScheduler.from_config(config)
