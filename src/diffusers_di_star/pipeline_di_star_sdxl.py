@@ -98,8 +98,8 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     ):
         if scheduler is not None and not isinstance(scheduler, LCMScheduler):
-            # Same betas, hence the same alphas_cumprod. Drop the other scheduler's own options quietly, but keep the
-            # private keys: `_use_default_values` lets LCM keep its defaults where the old one had its own (clip_sample).
+            # Same betas, hence the same alphas_cumprod. Drop the other scheduler's own options quietly, but keep
+            # the private keys: `_use_default_values` lets LCM keep its defaults (e.g. clip_sample=False).
             accepted = inspect.signature(LCMScheduler.__init__).parameters
             config = {k: v for k, v in scheduler.config.items() if k in accepted or k.startswith("_")}
             scheduler = LCMScheduler.from_config(config)
