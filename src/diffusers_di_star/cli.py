@@ -134,7 +134,7 @@ def _add_export_parser(subparsers) -> None:
     )
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--subfolder", default=None, help="subfolder of --model that holds the UNet")
-    p.add_argument("--weight-name", default=None, help="file inside --model (e.g. dmd2_sdxl_1step_unet.bin)")
+    p.add_argument("--weight-name", default=None, help="file inside --model (e.g. dmd2_sdxl_1step_unet_fp16.bin)")
     p.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's lora_alpha, if its file lacks metadata")
     p.add_argument("--conditioning-timestep", type=int, default=None, help="t* written to the metadata (default 399)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
