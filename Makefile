@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # The CPU wheel that lies on the development machines; on a GPU box use e.g. `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= outputs/demo
+# `make bench` runs every benchmark in its CPU-sized --quick mode; on a GPU: make bench BENCH_ARGS=
+BENCH_ARGS ?= --quick
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/di-star bench $(BENCH_ARGS) --out outputs/bench
 
 lint: install
 	$(BIN)/pip install -q ruff

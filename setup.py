@@ -33,6 +33,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "Pillow",
+        "tqdm",
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["di-star=diffusers_di_star.cli:main"]},

@@ -51,6 +51,7 @@ from diffusers_di_star.export.sdxl_keys import (
     clip_l_from_original,
     vae_from_original,
 )
+from diffusers_di_star.runtime import DTYPES
 from diffusers_di_star.testing import TEXT_HIDDEN_SIZES, get_tiny_unet
 from diffusers_di_star.weights import CheckpointError
 
@@ -190,7 +191,7 @@ def test_tiny_checkpoint_converts_back_to_a_diffusers_pipeline(tiny_sdxl_dir, ti
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_checkpoint_casts_only_floating_weights(tiny_sdxl_dir, tiny, dtype, tmp_path):
     path = export_comfyui_checkpoint(tiny, tmp_path / "tiny.safetensors", dtype=dtype)
-    torch_dtype = export_files.TORCH_DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     checkpoint = load_file(path)
     assert checkpoint[f"{CLIP_L_PREFIX}text_model.embeddings.position_ids"].dtype == torch.int64
     assert {v.dtype for k, v in checkpoint.items() if not k.endswith("position_ids")} == {torch_dtype}

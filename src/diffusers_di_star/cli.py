@@ -1,7 +1,7 @@
-"""The ``di-star`` command line: ``di-star generate | demo`` (more sub-commands are added by their modules' issues).
+"""The ``di-star`` command line: ``di-star generate | demo | export | eval | bench``.
 
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
-Errors a user can fix are raised as :class:`CLIError` and printed as one line (no traceback), exit code 2.
+Errors a user can fix (:class:`CLIError`, ``runtime.ModelLoadError``) are printed as one line, no traceback, exit 2.
 """
 
 from __future__ import annotations
@@ -10,45 +10,13 @@ import argparse
 import os
 import sys
 
+from .runtime import DTYPES, ModelLoadError, default_device, default_dtype, load_pipeline
+
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class CLIError(Exception):
     """An error with a message that tells the user what to do; printed without a traceback."""
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, variant: str | None = None):
-    """``DIStarSDXLPipeline.from_pretrained`` with a one-line, actionable error when the model cannot be found."""
-    from .pipeline_di_star_sdxl import DIStarSDXLPipeline
-
-    is_local = os.path.isdir(model)
-    if not is_local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
-        raise CLIError(f"--model {model!r} is neither a local folder nor a Hub id (expected 'owner/name' or a path).")
-    try:
-        pipe = DIStarSDXLPipeline.from_pretrained(model, dtype=_torch_dtype(dtype), variant=variant)
-    except (OSError, ValueError) as err:
-        if is_local:
-            raise CLIError(f"could not load the pipeline folder {model!r}: {err}") from err
-        raise CLIError(
-            f"could not load {model!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
-            f"(or HF_HUB_OFFLINE is set). Download it on a connected machine with "
-            f"`huggingface-cli download {model}` (then copy the cache or the folder here), "
-            f"or pass --model /path/to/an/sdxl-layout/folder."
-        ) from err
-    return pipe.to(device or _default_device())
 
 
 def _add_generate_parser(subparsers) -> None:
@@ -71,8 +39,8 @@ def _add_generate_parser(subparsers) -> None:
 def _cmd_generate(args) -> None:
     import torch
 
-    device = args.device or _default_device()
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    device = args.device or default_device()
+    dtype = args.dtype or default_dtype(device)
     if args.num_images < 1:
         raise CLIError(f"--num-images must be >= 1, got {args.num_images}.")
     pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
@@ -153,10 +121,175 @@ def _cmd_export(args) -> None:
     print(path)
 
 
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score models on the paper's prompt sets (Table 1: Parti/COCO; Table 3: HPSv2)",
+        description="Generate one image per prompt with each --model, score them with the reward models and write "
+        "per-image scores (CSV, JSON), a Markdown table in the paper's layout and an image grid to --out. An "
+        "interrupted run resumes where it stopped. See docs/evaluation.md.",
+    )
+    p.add_argument("--model", action="append", required=True, help="Hub id or local SDXL-layout folder; repeatable")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="parti | coco | hpsv2 | a .txt (one prompt a line) or .json file | a folder with the HPSv2 benchmark's "
+        "anime/concept-art/paintings/photo .json files",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated reward names: imagereward,aesthetic,pickscore,clip,hpsv2.1 (default: the first four; "
+        "hpsv2.1 for a prompt set with styles)",
+    )
+    p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (of each style); default all")
+    p.add_argument("--batch-size", type=int, default=4, help="images generated and scored at once")
+    p.add_argument("--seed", type=int, default=0, help="image i is generated with seed SEED*1000000+i")
+    p.add_argument("--out", required=True, help="output folder; rerun with the same one to resume or add models")
+    p.add_argument("--steps", type=int, default=1, help="1: one-step DI* pipeline; >1: SDXL's Euler sampler with CFG")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale with --steps > 1 (default 5.0)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--reward-option",
+        action="append",
+        default=[],
+        metavar="NAME.OPTION=VALUE",
+        help="a reward loader option, e.g. pickscore.model=/ckpt/PickScore_v1 (docs/rewards.md); repeatable",
+    )
+    p.set_defaults(func=_cmd_eval)
+
+
+def _parse_reward_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["pickscore.model=/p", "hpsv2.1.checkpoint=/q"]`` -> ``{"pickscore": {"model": "/p"}, "hpsv2.1": {...}}``."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        name, dot, option = key.rpartition(".")
+        if not (equals and dot and name and option and value):
+            raise CLIError(
+                f"--reward-option {item!r} must look like NAME.OPTION=VALUE, e.g. pickscore.model=/ckpt/PickScore_v1."
+            )
+        options.setdefault(name, {})[option] = value
+    return options
+
+
+def _cmd_eval(args) -> None:
+    from . import evaluation
+
+    device = args.device or default_device()
+    dtype = args.dtype or default_dtype(device)
+    reward_options = _parse_reward_options(args.reward_option)
+    metrics = [name.strip() for name in args.metrics.split(",")] if args.metrics else None
+    try:
+        prompt_set = evaluation.load_prompt_set(args.prompts)
+        sampling = {"steps": args.steps, "guidance_scale": args.guidance_scale, "variant": args.variant}
+        models = [evaluation.ModelSpec(model, dtype=dtype, **sampling) for model in args.model]
+        result = evaluation.evaluate(
+            models,
+            prompt_set,
+            args.out,
+            metrics=metrics,
+            num_prompts=args.num_prompts,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
+            device=device,
+            reward_options=reward_options,
+        )
+    except (ValueError, ImportError) as err:  # bad settings, prompt sets, reward specs, missing packages
+        raise CLIError(str(err)) from err
+    print(result.table, end="")
+    print("\n".join(f"{kind}: {path}" for kind, path in result.files.items()))
+
+
+_BENCH_SUITES = ("all", "flops", "inference", "training")
+_BENCH_OPTIONS = ("size", "resolution", "warmup", "repeats", "compile_mode", "sdxl_steps", "layouts")
+_BENCH_OPTIONS += ("assistant_updates", "reward", "seed")
+
+
+def _comma_list(cast):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(item) for item in text.split(","))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from err
+
+    return parse
+
+
+def _add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="speed and memory benchmarks on random-weight SDXL modules (nothing to download)",
+        description="flops: FLOP counts of the SDXL modules (meta device). inference: the peer recipe (SDXL + "
+        "LCMScheduler, timesteps=[399]), our pipeline with default and fast settings, the floor (modules called "
+        "directly) and SDXL base at 50 steps with CFG, side by side. training: one DI* iteration, three-in-one LoRA "
+        "vs three separate UNets. Full-size modules on CUDA; a reduced size on CPU, for ratios only. Prints a "
+        "Markdown report. See docs/benchmarks.md.",
+    )
+    p.add_argument("suite", nargs="?", default="all", choices=_BENCH_SUITES, help="default: all")
+    p.add_argument("--quick", action="store_true", help="smoke run: reduced modules at 64², one call each")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--size", choices=("full", "reduced"), default=None, help="default: full on CUDA, reduced on CPU")
+    p.add_argument("--resolution", type=int, default=None, help="default: 1024 (full), 256 (reduced), 64 (--quick)")
+    p.add_argument("--batch-sizes", type=_comma_list(int), default=None, help="inference batches (default 1,4)")
+    p.add_argument("--training-batch-sizes", type=_comma_list(int), default=None, help="default 1,2,4")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default 2 CUDA, 1 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 5)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="peer/default weights (fp16 CUDA, fp32 CPU)")
+    p.add_argument("--fast-dtype", choices=sorted(DTYPES), default=None, help="weights of the fast settings (bf16)")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the fast settings, or none (default: max-autotune on CUDA, none on CPU)",
+    )
+    p.add_argument("--sdxl-steps", type=int, default=None, help="steps of the SDXL base baseline (default 50)")
+    p.add_argument(
+        "--layouts", type=_comma_list(str), default=None, help="training layouts: three-in-one,separate (default),full"
+    )
+    p.add_argument("--assistant-updates", type=int, default=None, help="K_TA per training iteration (default 1)")
+    p.add_argument("--no-reward", dest="reward", action="store_false", default=None, help="train without PickScore")
+    p.add_argument(
+        "--largest-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search the largest training batch that fits (default: on CUDA)",
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write report.md and one JSON of raw records per suite here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> None:
+    from .benchmarking import SUITES, BenchSettings, run_benchmarks
+
+    options = {name: getattr(args, name) for name in _BENCH_OPTIONS}
+    options |= {
+        "inference_batch_sizes": args.batch_sizes,
+        "training_batch_sizes": args.training_batch_sizes,
+        "find_largest_batch": args.largest_batch,
+        "dtype": args.dtype and DTYPES[args.dtype],
+        "fast_dtype": args.fast_dtype and DTYPES[args.fast_dtype],
+    }
+    try:
+        settings = BenchSettings.resolve(device=args.device, quick=args.quick, **options)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    report, paths = run_benchmarks(list(SUITES) if args.suite == "all" else [args.suite], settings, args.out)
+    print(report, end="")
+    for path in paths:
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="di-star", description="Diff-Instruct* one-step SDXL tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate_parser, _add_demo_parser, _add_export_parser):
+    for add in (_add_generate_parser, _add_demo_parser, _add_export_parser, _add_eval_parser, _add_bench_parser):
         add(subparsers)
     return parser
 
@@ -165,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CLIError as err:
+    except (CLIError, ModelLoadError) as err:
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..runtime import DTYPES
 from ..weights import load_state_dict_file
 
 __all__ = [
     "ExportError",
-    "TORCH_DTYPES",
     "resolve_dtype",
     "cast_floating",
     "check_output_free",
@@ -31,9 +31,6 @@ __all__ = [
     "read_keys",
 ]
 
-#: The dtype names the CLI and the export functions accept.
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class ExportError(Exception):
     """A problem with the user's input or output that they can fix; the message says how."""
@@ -43,9 +40,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"``/``"bf16"``/``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype`` (``None`` keeps the stored dtypes)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in TORCH_DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; use one of {sorted(TORCH_DTYPES)}.")
-    return TORCH_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
 
 
 def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,49 @@
+"""Where and in what precision to run, and loading a pipeline with an error a user can act on.
+
+Shared by the ``di-star`` commands, evaluation and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
+
+#: The dtype names the command line and the export functions accept.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be found or read; the message says what to download or which path to pass."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """fp16 on CUDA (the released checkpoints' variant), fp32 elsewhere."""
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, variant: str | None = None):
+    """``DIStarSDXLPipeline.from_pretrained(model)`` on ``device``; a missing model raises :class:`ModelLoadError`."""
+    from .pipeline_di_star_sdxl import DIStarSDXLPipeline
+
+    is_local = os.path.isdir(model)
+    if not is_local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
+        raise ModelLoadError(f"--model {model!r} is neither a local folder nor a Hub id ('owner/name' or a path).")
+    try:
+        pipe = DIStarSDXLPipeline.from_pretrained(model, dtype=DTYPES[dtype], variant=variant)
+    except (OSError, ValueError) as err:
+        if is_local:
+            raise ModelLoadError(f"could not load the pipeline folder {model!r}: {err}") from err
+        raise ModelLoadError(
+            f"could not load {model!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
+            f"(or HF_HUB_OFFLINE is set). Download it on a connected machine with "
+            f"`huggingface-cli download {model}` (then copy the cache or the folder here), "
+            f"or pass --model /path/to/an/sdxl-layout/folder."
+        ) from err
+    return pipe.to(device or default_device())
