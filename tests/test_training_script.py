@@ -30,6 +30,9 @@ def script():
 
 @pytest.fixture(autouse=True)
 def one_thread_and_stub_reward(script, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each in-process run is a fresh `accelerate launch`
     monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
