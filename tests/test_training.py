@@ -232,3 +232,20 @@ def test_prompt_files(tmp_path):
         load_prompts()
     with pytest.raises(ValueError, match="does not exist"):
         load_prompts(train_data_file=tmp_path / "missing.txt")
+
+
+def test_encode_prompts_equals_the_pipeline_conditioning(tiny_components):
+    """The trainer conditions the generator exactly as DIStarSDXLPipeline does at inference."""
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.training import encode_prompts
+
+    pipe = DIStarSDXLPipeline(**tiny_components, add_watermarker=False)
+    prompts = ["a cat wearing sunglasses", "a fox in a snowy forest"]
+    cond = encode_prompts(
+        prompts, (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), resolution=64
+    )
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), prompt_embeds.dtype, 64)
+    torch.testing.assert_close(cond.prompt_embeds, prompt_embeds, atol=0, rtol=0)
+    torch.testing.assert_close(cond.pooled_prompt_embeds, pooled, atol=0, rtol=0)
+    torch.testing.assert_close(cond.time_ids, time_ids.repeat(2, 1), atol=0, rtol=0)
