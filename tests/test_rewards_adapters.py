@@ -89,6 +89,37 @@ def test_clip_score_is_100_cosine_without_clamp(clip_folder, pil_images):
     torch.testing.assert_close(reward(to_tensor(pil_images), PROMPTS), -100 * cosine, atol=1e-3, rtol=1e-5)
 
 
+def torchmetrics_clip_cosine(folder, images, prompts):
+    """torchmetrics 1.9 ``_get_features``/``_clip_score_update``: ``processor(text, padding=True)`` without
+    truncation, then ``input_ids`` and ``attention_mask`` cut to ``max_position_embeddings`` (77)."""
+    processor = CLIPProcessor.from_pretrained(folder)
+    model = CLIPModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        image_embeds = image_features(model, processor(images=images, return_tensors="pt")["pixel_values"])
+        tokens = processor(text=prompts, return_tensors="pt", padding=True)
+        limit = model.config.text_config.max_position_embeddings
+        tokens = {name: tokens[name][..., :limit] for name in ("input_ids", "attention_mask")}
+        text_embeds = text_features(model, tokens)
+    return (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)
+
+
+def test_clip_score_cuts_long_prompts_as_torchmetrics(clip_folder, pil_images):
+    prompts = ["a photo of a red fox in the snow at dawn, " * 12, "a bowl of ramen"]
+    tokenizer = CLIPProcessor.from_pretrained(clip_folder).tokenizer
+    assert len(tokenizer(prompts[0]).input_ids) > 77 >= len(tokenizer(prompts[1]).input_ids)
+    expected = 100 * torchmetrics_clip_cosine(clip_folder, pil_images, prompts)
+    default = ClipScoreReward.from_pretrained(model=clip_folder)(to_tensor(pil_images), prompts)
+    torch.testing.assert_close(default, expected, atol=1e-3, rtol=1e-5)
+    # truncation="clip" keeps the end-of-text token, as the tokenizer's own truncation does (the PickScore snippet).
+    keep_eot = ClipScoreReward.from_pretrained(model=clip_folder, truncation="clip")(to_tensor(pil_images), prompts)
+    official = 100 * official_clip_cosine(clip_folder, pil_images, prompts)[0]
+    torch.testing.assert_close(keep_eot, official, atol=1e-3, rtol=1e-5)
+    assert (keep_eot[0] - default[0]).abs() > 1  # the long prompt: the two cuts pool different tokens
+    torch.testing.assert_close(keep_eot[1], default[1])  # the short one: identical
+    with pytest.raises(ValueError, match=r"truncation \(how prompts over 77 tokens are cut\) must be one of"):
+        load_reward("clip", clip={"model": clip_folder, "truncation": "end"})
+
+
 def test_clip_score_on_other_sizes_stays_within_the_preprocessing_tolerance(clip_folder):
     rng = np.random.default_rng(1)
     small = [Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)) for _ in PROMPTS]

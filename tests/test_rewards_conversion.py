@@ -6,15 +6,24 @@ directly and share no code with the conversions or with transformers' models.
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig
 
-from diffusers_di_star.rewards import HPSv2Reward, ImageReward, convert_open_clip_state_dict, load_reward
+from diffusers_di_star.rewards import (
+    HPSv2Reward,
+    ImageReward,
+    LetterboxImageTransform,
+    convert_open_clip_state_dict,
+    load_reward,
+)
 from diffusers_di_star.rewards.hpsv2 import HPS_CHECKPOINTS
+from diffusers_di_star.rewards.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageTransform
 from diffusers_di_star.rewards.testing import (
     save_tiny_bert_tokenizer,
     save_tiny_clip,
@@ -91,13 +100,87 @@ def open_clip_tokenize(tokenizer, prompts, context_length=77):
     return tokens
 
 
+def hpsv2_preprocess(images, size=224):
+    """hpsv2 1.2.0's ``preprocess_val`` (``light_augmentation=True``: ``ToTensor``, ``ResizeMaxSize(224)``, normalise),
+    written with PIL and NumPy: the longest side to ``size`` by ``round(dim * size / longest)``, bicubic (PIL's
+    antialiased ``a = -0.5`` filter, the one torch's antialiased bicubic implements) on float pixels (mode "F": no
+    uint8 rounding, no clipping), then ``F.pad`` with 0 by ``pad // 2`` on the top/left, the rest on the bottom/right.
+    """
+    out = []
+    for image in images.numpy().astype(np.float32):
+        height, width = image.shape[1:]
+        scale = size / float(max(height, width))
+        new_height, new_width = round(height * scale), round(width * scale)
+        channels = [Image.fromarray(c, mode="F").resize((new_width, new_height), Image.BICUBIC) for c in image]
+        pad_h, pad_w = size - new_height, size - new_width
+        padding = ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+        out.append(np.pad(np.stack([np.asarray(channel) for channel in channels]), padding))
+    mean, std = np.array(OPENAI_CLIP_MEAN)[:, None, None], np.array(OPENAI_CLIP_STD)[:, None, None]
+    return torch.from_numpy(((np.stack(out) - mean) / std).astype(np.float32))
+
+
+def checkerboard(height, width, cell):
+    """Hard 0/1 edges: bicubic overshoots them, below 0 and above 1."""
+    rows, cols = np.indices((height, width)) // cell
+    return torch.from_numpy(((rows + cols) % 2).astype(np.float32)).expand(1, 3, height, width).contiguous()
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(240, 200), (200, 240), (1000, 333), (57, 91), (225, 224), (512, 512), (224, 224)]
+)
+def test_hps_preprocessing_is_hpsv2_letterbox(height, width):
+    images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+    actual = LetterboxImageTransform(224)(images)
+    expected = hpsv2_preprocess(images)
+    assert actual.shape == expected.shape == (2, 3, 224, 224)
+    # Float arithmetic on both sides: PIL's float resize and torch's agree to ~0.005/255; the bound is 1/100 of 1/255.
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    assert ((actual - expected) * std).abs().max() <= 0.01 / 255
+    if height != width:  # black (0 before normalisation) bars on the short side
+        pad = (224 - round(min(height, width) * 224 / max(height, width))) // 2
+        bar = actual[..., :pad, :] if height < width else actual[..., :, :pad]
+        torch.testing.assert_close(bar * std, -torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1).expand_as(bar))
+
+
+def test_hps_preprocessing_does_not_clip_the_bicubic_overshoot():
+    images = checkerboard(512, 512, cell=7)  # square: resized, not padded
+    actual, expected = LetterboxImageTransform(224)(images), hpsv2_preprocess(images)
+    std, mean = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    pixels = expected * std + mean
+    assert pixels.min() < -0.02 and pixels.max() > 1.02  # what the old clamp after each pass cut off
+    assert ((actual - expected) * std).abs().max() <= 0.01 / 255
+
+
+def test_hps_preprocessing_is_differentiable():
+    images = torch.rand(2, 3, 96, 64, requires_grad=True)
+    out = LetterboxImageTransform(32)(images)
+    assert out.shape == (2, 3, 32, 32)
+    out[:, :, :, 16].sum().backward()  # one column: reaches only the pixels that feed it
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_hps_score_of_a_non_square_image_changes_under_the_old_centre_crop(hps_files, images):
+    laion, hps = hps_files
+    reward = HPSv2Reward.from_pretrained(checkpoint=hps, processor=laion)
+    heads = reward.clip.config.vision_config.num_attention_heads
+    state_dict = load_state_dict_file(hps / HPS_CHECKPOINTS["2.1"])
+    with torch.no_grad():
+        text = open_clip_encode_text(state_dict, open_clip_tokenize(reward.tokenizer, PROMPTS), heads)
+        letterbox = 100 * (open_clip_encode_image(state_dict, hpsv2_preprocess(images), heads) * text).sum(-1)
+        cropped = ClipImageTransform.torchvision(224)(images)  # the shortest side to 224, a 268x224 centre crop
+        crop = 100 * (open_clip_encode_image(state_dict, cropped, heads) * text).sum(-1)
+    scores = reward(images, PROMPTS)
+    torch.testing.assert_close(scores, letterbox, atol=2e-3, rtol=1e-4)
+    assert (scores - crop).abs().min() > 0.25  # 1.08 and 0.37 here
+
+
 @pytest.mark.parametrize(("name", "version"), [("hpsv2", "2.0"), ("hpsv2.1", "2.1")])
 def test_hps_matches_open_clip_on_the_original_state_dict(hps_files, images, name, version):
     laion, hps = hps_files
     reward = load_reward(name, **{name: {"checkpoint": hps, "processor": laion}}).rewards[0]
     heads = CLIPConfig.from_pretrained(laion).vision_config.num_attention_heads
     state_dict = load_state_dict_file(hps / HPS_CHECKPOINTS[version])
-    pixel_values = reward.transform(images)
+    pixel_values = hpsv2_preprocess(images)  # 240x200: letterboxed to 224x187 + 37 columns of padding
     with torch.no_grad():
         image_embeds = open_clip_encode_image(state_dict, pixel_values, heads)
         text_embeds = open_clip_encode_text(state_dict, open_clip_tokenize(reward.tokenizer, PROMPTS), heads)

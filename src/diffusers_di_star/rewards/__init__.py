@@ -16,7 +16,7 @@ from .hpsv2 import HPSv2Reward
 from .image_reward import ImageReward
 from .open_clip_conversion import convert_open_clip_state_dict
 from .pickscore import PickScoreReward
-from .preprocessing import ClipImageTransform
+from .preprocessing import ClipImageTransform, LetterboxImageTransform
 from .registry import REWARDS, available_rewards, load_reward, parse_reward_spec, register_reward
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ClipSimilarityReward",
     "HPSv2Reward",
     "ImageReward",
+    "LetterboxImageTransform",
     "PickScoreReward",
     "RewardModel",
     "WeightedSumReward",

@@ -1,7 +1,9 @@
 """Human Preference Score v2 / v2.1 (Wu et al., 2023): an OpenCLIP ViT-H/14 fine-tuned on human preferences.
 
 The official scorer (``hpsv2.score``) returns ``cos(text, image)`` of the open_clip model, about 0.25-0.35; papers and
-the HPSv2 benchmark report it times 100 (DI*-SDXL-1step: 31.19 on HPSv2.1), and so does this reward.
+the HPSv2 benchmark report it times 100 (DI*-SDXL-1step: 31.19 on HPSv2.1), and so does this reward. Images are
+preprocessed as ``hpsv2.score`` does it (:class:`~.preprocessing.LetterboxImageTransform`: longest side to 224, zero
+padding to a square), not with the shortest-side resize and centre crop of the other CLIP scorers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .checkpoints import build_pretrained, resolve_checkpoint_file
 from .clip_similarity import ClipSimilarityReward, load_clip_tokenizer_and_transform
 from .open_clip_conversion import convert_open_clip_state_dict
 from .pickscore import LAION_CLIP_VIT_H_14
-from .preprocessing import ClipImageTransform
+from .preprocessing import LetterboxImageTransform
 
 __all__ = ["HPS_CHECKPOINTS", "HPSv2Reward"]
 
@@ -50,7 +52,7 @@ class HPSv2Reward(ClipSimilarityReward):
             )
         state_dict = load_state_dict_file(resolve_checkpoint_file(checkpoint, HPS_CHECKPOINTS[version]))
         clip = build_pretrained(CLIPModel, config, convert_open_clip_state_dict(state_dict))
-        # open_clip preprocesses with torchvision: Resize(224, bicubic) + CenterCrop(224) + OpenAI CLIP mean/std.
+        # hpsv2.score's light_augmentation transform: longest side to 224, zero padding, OpenAI CLIP mean/std.
         image_size = config.vision_config.image_size
-        tokenizer, transform = load_clip_tokenizer_and_transform(processor, ClipImageTransform.torchvision(image_size))
+        tokenizer, transform = load_clip_tokenizer_and_transform(processor, LetterboxImageTransform(image_size))
         return cls(clip, tokenizer, transform, scale=100.0)
