@@ -1,4 +1,4 @@
-"""FLOP counts of the SDXL modules with FlopCounterMode on the meta device, next to PERFORMANCE.md's.
+"""FLOP counts of the SDXL modules with FlopCounterMode on the meta device, next to the figures in docs/benchmarks.md.
 
 A front to `di-star bench flops` (the code lives in `diffusers_di_star.benchmarking`); it takes the same options:
 

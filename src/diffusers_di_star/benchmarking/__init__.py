@@ -3,7 +3,9 @@
 Everything runs on SDXL modules with random weights built from the shipped configs (:mod:`.components`): full size
 on a GPU, a reduced size on a CPU, where only the ratios mean something. Suites: ``flops`` (FLOP counts on the meta
 device), ``inference`` (the peer recipe, our pipeline default and fast, the floor, SDXL base at 50 steps) and
-``training`` (one DI* iteration, three-in-one LoRA vs three separate UNets). Results: ``docs/benchmarks.md``.
+``training`` (one DI* iteration, three-in-one LoRA vs three separate UNets). :mod:`.gpu_report`
+(``benchmarks/gpu_report.sh``) runs what a GPU must measure as rows with time limits within one budget, and
+:mod:`.memory` computes static training memory on the meta device. Results: ``docs/benchmarks.md``.
 
 >>> from diffusers_di_star.benchmarking import BenchSettings, run_benchmarks
 >>> report, _ = run_benchmarks(["inference"], BenchSettings.resolve(quick=True))  # doctest: +SKIP

@@ -1,7 +1,7 @@
-"""FLOP counts of the SDXL modules (PERFORMANCE.md's first table), with ``FlopCounterMode`` on the meta device.
+"""FLOP counts of the SDXL modules (docs/benchmarks.md's FLOP table), with ``FlopCounterMode`` on the meta device.
 
 The modules are built from the shipped configs on the meta device (no memory, no weights), so the full-size count
-takes seconds on a CPU and checks both the configs and PERFORMANCE.md's arithmetic. A multiply-add counts 2 FLOPs.
+takes seconds on a CPU and checks both the configs and the documented figures. A multiply-add counts 2 FLOPs.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from .components import build_pickscore_reward, build_text_encoders, build_tiny_
 from .report import NOT_AVAILABLE, SuiteResult, markdown_table
 from .settings import BenchSettings
 
-__all__ = ["PERFORMANCE_MD_TFLOP", "count_flops", "run_flops_benchmark"]
+__all__ = ["DOCUMENTED_TFLOP", "count_flops", "run_flops_benchmark"]
 
 _META = torch.device("meta")
 _TOKENS = 77
 
-#: PERFORMANCE.md's counts for the full-size modules at 1024², batch 1 (TFLOP).
-PERFORMANCE_MD_TFLOP = {
+#: The counts docs/benchmarks.md states for the full-size modules at 1024², batch 1 (TFLOP, 3 significant figures).
+DOCUMENTED_TFLOP = {
     "unet_forward": 6.76,
     "vae_decode": 10.47,
     "text_encoders": 0.11,
@@ -128,23 +128,23 @@ def _encoder_counts(settings: BenchSettings) -> dict[str, tuple[int, int]]:
 
 
 def count_flops(settings: BenchSettings) -> dict[str, tuple[int, int]]:
-    """``{row: (parameters, FLOPs)}`` for one image at ``settings.resolution``, in PERFORMANCE.md's row order."""
+    """``{row: (parameters, FLOPs)}`` for one image at ``settings.resolution``, in docs/benchmarks.md's row order."""
     counts = _unet_counts(settings) | _decoder_counts(settings) | _encoder_counts(settings)
     return {name: counts[name] for name in _DESCRIPTIONS}
 
 
 def run_flops_benchmark(settings: BenchSettings) -> SuiteResult:
-    """The FLOP table, next to PERFORMANCE.md's numbers when the modules are full size at 1024²."""
+    """The FLOP table, next to the documented numbers when the modules are full size at 1024²."""
     counts = count_flops(settings)
     full = settings.size.name == "full"
     unit, scale = ("TFLOP", 1e12) if full else ("GFLOP", 1e9)
     rows, records = [], []
     for name, (parameters, flops) in counts.items():
-        anchor = PERFORMANCE_MD_TFLOP[name] if full and settings.resolution == 1024 else None
+        anchor = DOCUMENTED_TFLOP[name] if full and settings.resolution == 1024 else None
         shown_anchor = NOT_AVAILABLE if anchor is None else f"{anchor:g}"
         rows.append((_DESCRIPTIONS[name], f"{parameters / 1e6:.1f}", f"{flops / scale:.4g}", shown_anchor))
-        records.append({"module": name, "parameters": parameters, "flops": flops, "performance_md_tflop": anchor})
-    headers = ("module", "parameters (M)", f"{unit} per image", "PERFORMANCE.md (TFLOP)")
+        records.append({"module": name, "parameters": parameters, "flops": flops, "documented_tflop": anchor})
+    headers = ("module", "parameters (M)", f"{unit} per image", "docs/benchmarks.md (TFLOP)")
     title = f"FLOPs per image, SDXL `{settings.size.name}` modules, {settings.resolution}², batch 1"
     notes = ["counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device; a multiply-add = 2 FLOPs"]
     return SuiteResult("flops", title, [markdown_table(headers, rows)], notes, records)

@@ -34,7 +34,20 @@ from .measure import Measurement, free_memory, measure_interleaved
 from .report import SuiteResult, format_memory, format_ratio, markdown_table
 from .settings import BenchSettings
 
-__all__ = ["PROMPT", "InferenceResult", "apply_fast_settings", "run_inference_benchmark"]
+__all__ = [
+    "PROMPT",
+    "InferenceResult",
+    "apply_fast_settings",
+    "base_calls",
+    "build_pipelines",
+    "compile_pipelines",
+    "fast_calls",
+    "measure_variants",
+    "result_record",
+    "run_inference_benchmark",
+    "switch_to_fast",
+    "table_row",
+]
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 PEER, OURS, FAST, FAST_TINY, FLOOR, SDXL = "peer", "ours", "fast", "fast-tiny-vae", "floor", "sdxl-base"
@@ -63,15 +76,26 @@ def apply_fast_settings(pipe: DIStarSDXLPipeline, dtype: torch.dtype, compile_mo
     pipe.to(dtype=dtype)
     pipe.fuse_qkv_projections(vae=isinstance(pipe.vae, AutoencoderKL))
     pipe.unet.to(memory_format=torch.channels_last)
+    _speed_up_vae(pipe.vae, dtype)
     if compile_mode is not None:
-        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True, dynamic=False)
-    _speed_up_vae(pipe.vae, dtype, compile_mode)
+        compile_pipelines([pipe], compile_mode)
 
 
-def _speed_up_vae(vae: torch.nn.Module, dtype: torch.dtype, compile_mode: str | None = None) -> None:
-    vae.to(dtype=dtype, memory_format=torch.channels_last)
-    if compile_mode is not None:
+def compile_pipelines(pipes: list[DIStarSDXLPipeline], compile_mode: str) -> None:
+    """``torch.compile`` (full graph, static shapes) of the UNet and of each VAE's decoder, in place. Pipelines that
+    share a UNet keep sharing it: it is compiled once."""
+    compiled = {}
+    for pipe in pipes:
+        unet = pipe.unet
+        if id(unet) not in compiled:
+            compiled[id(unet)] = torch.compile(unet, mode=compile_mode, fullgraph=True, dynamic=False)
+        pipe.unet = compiled[id(unet)]
+    for vae in {id(pipe.vae): pipe.vae for pipe in pipes}.values():
         vae.decode = torch.compile(vae.decode, mode=compile_mode, fullgraph=True, dynamic=False)
+
+
+def _speed_up_vae(vae: torch.nn.Module, dtype: torch.dtype) -> None:
+    vae.to(dtype=dtype, memory_format=torch.channels_last)
 
 
 def _pipeline_call(pipe, settings: BenchSettings, **call_kwargs) -> Callable[[int], object]:
@@ -102,10 +126,13 @@ def _floor_call(pipe: DIStarSDXLPipeline, settings: BenchSettings) -> Callable[[
     return call
 
 
-def _measure_variants(calls: dict[str, Callable[[int], object]], settings: BenchSettings) -> list[InferenceResult]:
-    # Round-robin over the variants at each batch size (measure_interleaved), so they share the machine's slow spells.
+def measure_variants(
+    calls: dict[str, Callable[[int], object]], settings: BenchSettings, batch_sizes: tuple[int, ...] | None = None
+) -> list[InferenceResult]:
+    """Each call at each batch size (``settings.inference_batch_sizes`` by default), round-robin over the variants
+    at each batch size (:func:`~.measure.measure_interleaved`), so that they share the machine's slow spells."""
     results = []
-    for batch_size in settings.inference_batch_sizes:
+    for batch_size in batch_sizes or settings.inference_batch_sizes:
         runs = {variant: functools.partial(call, batch_size) for variant, call in calls.items()}
         measured = measure_interleaved(runs, settings.device, settings.warmup, settings.repeats)
         results += [InferenceResult(variant, batch_size, measurement) for variant, measurement in measured.items()]
@@ -113,38 +140,61 @@ def _measure_variants(calls: dict[str, Callable[[int], object]], settings: Bench
     return results
 
 
-def measure_inference(settings: BenchSettings) -> list[InferenceResult]:
-    """Every variant at every batch size; the base-dtype variants first, then the modules are switched to the
-    fast settings in place for the fast variants and the floor."""
+def build_pipelines(settings: BenchSettings) -> dict[str, StableDiffusionXLPipeline]:
+    """The peer, ours and SDXL base on ONE set of random-weight modules in ``settings.dtype``, keyed by variant."""
     components = build_sdxl_components(settings.size, settings.device, settings.dtype, settings.seed)
     lcm = LCMScheduler.from_config(components["scheduler"].config)
-    peer = StableDiffusionXLPipeline(**(components | {"scheduler": lcm}), add_watermarker=False)
-    ours = DIStarSDXLPipeline(**components, add_watermarker=False)
-    sdxl = StableDiffusionXLPipeline(**components, add_watermarker=False)
-    results = _measure_variants(
-        {
-            PEER: _pipeline_call(
-                peer, settings, num_inference_steps=1, timesteps=[DEFAULT_CONDITIONING_TIMESTEP], guidance_scale=0.0
-            ),
-            OURS: _pipeline_call(ours, settings),
-            SDXL: _pipeline_call(
-                sdxl, settings, num_inference_steps=settings.sdxl_steps, guidance_scale=settings.sdxl_guidance_scale
-            ),
-        },
-        settings,
-    )
-    apply_fast_settings(ours, settings.fast_dtype, settings.compile_mode)
+    return {
+        PEER: StableDiffusionXLPipeline(**(components | {"scheduler": lcm}), add_watermarker=False),
+        OURS: DIStarSDXLPipeline(**components, add_watermarker=False),
+        SDXL: StableDiffusionXLPipeline(**components, add_watermarker=False),
+    }
+
+
+def base_calls(
+    pipes: dict, settings: BenchSettings, variants=(PEER, OURS, SDXL)
+) -> dict[str, Callable[[int], object]]:
+    """``{variant: call(batch_size)}`` of the base-dtype rows (peer, ours, SDXL base) among ``variants``."""
+    kwargs = {
+        PEER: {"num_inference_steps": 1, "timesteps": [DEFAULT_CONDITIONING_TIMESTEP], "guidance_scale": 0.0},
+        OURS: {},
+        SDXL: {"num_inference_steps": settings.sdxl_steps, "guidance_scale": settings.sdxl_guidance_scale},
+    }
+    return {variant: _pipeline_call(pipes[variant], settings, **kwargs[variant]) for variant in variants}
+
+
+def switch_to_fast(pipes: dict, settings: BenchSettings) -> list[DIStarSDXLPipeline]:
+    """Switch the shared modules to the fast settings in place, not compiled; return ``[ours, preview]``, the second
+    with a tiny VAE. :func:`compile_pipelines` compiles them later."""
+    ours = pipes[OURS]
+    apply_fast_settings(ours, settings.fast_dtype)
     if settings.fast_dtype == torch.float16:  # random weights stand in for the fp16-fix VAE: same modules, no upcast
         ours.vae.register_to_config(force_upcast=False)
     tiny_vae = build_tiny_vae(settings.size, settings.device, settings.fast_dtype, settings.seed)
-    _speed_up_vae(tiny_vae, settings.fast_dtype, settings.compile_mode)
-    preview = DIStarSDXLPipeline(**(ours.components | {"vae": tiny_vae}), add_watermarker=False)
-    fast_calls = {
+    _speed_up_vae(tiny_vae, settings.fast_dtype)
+    return [ours, DIStarSDXLPipeline(**(ours.components | {"vae": tiny_vae}), add_watermarker=False)]
+
+
+def fast_calls(fast: list[DIStarSDXLPipeline], settings: BenchSettings) -> dict[str, Callable[[int], object]]:
+    """``{variant: call(batch_size)}`` of the floor, fast and fast-tiny-vae rows on :func:`switch_to_fast`'s pipelines.
+    The calls read the pipelines' modules when they run, so they time whatever :func:`compile_pipelines` made."""
+    ours, preview = fast
+    return {
         FLOOR: _floor_call(ours, settings),
         FAST: _pipeline_call(ours, settings),
         FAST_TINY: _pipeline_call(preview, settings),
     }
-    return results + _measure_variants(fast_calls, settings)
+
+
+def measure_inference(settings: BenchSettings) -> list[InferenceResult]:
+    """Every variant at every batch size; the base-dtype variants first, then the modules are switched to the
+    fast settings in place for the fast variants and the floor."""
+    pipes = build_pipelines(settings)
+    results = measure_variants(base_calls(pipes, settings), settings)
+    fast = switch_to_fast(pipes, settings)
+    if settings.compile_mode is not None:
+        compile_pipelines(fast, settings.compile_mode)
+    return results + measure_variants(fast_calls(fast, settings), settings)
 
 
 def _legend(settings: BenchSettings) -> dict[str, str]:
@@ -164,41 +214,47 @@ def _legend(settings: BenchSettings) -> dict[str, str]:
     }
 
 
+def result_record(result: InferenceResult, peer_seconds: float | None, floor_seconds: float | None) -> dict:
+    """The JSON record of one row; ``peer_seconds`` / ``floor_seconds`` per image at the same batch (``None``: not
+    measured, the ratio is then ``None``)."""
+    spi = result.seconds_per_image
+    return {
+        "variant": result.variant,
+        "batch_size": result.batch_size,
+        "seconds_per_call": result.measurement.seconds,
+        "ms_per_image": 1000 * spi,
+        "images_per_second": 1 / spi,
+        "peak_memory_bytes": result.measurement.peak_memory,
+        "speedup_vs_peer": None if peer_seconds is None else peer_seconds / spi,
+        "time_over_floor": None if floor_seconds is None else spi / floor_seconds,
+    }
+
+
 def _records(results: list[InferenceResult]) -> list[dict]:
     seconds_per_image = {(r.variant, r.batch_size): r.seconds_per_image for r in results}
-    records = []
-    for result in sorted(results, key=lambda r: (_ROW_ORDER.index(r.variant), r.batch_size)):
-        spi, batch_size = result.seconds_per_image, result.batch_size
-        records.append(
-            {
-                "variant": result.variant,
-                "batch_size": batch_size,
-                "seconds_per_call": result.measurement.seconds,
-                "ms_per_image": 1000 * spi,
-                "images_per_second": 1 / spi,
-                "peak_memory_bytes": result.measurement.peak_memory,
-                "speedup_vs_peer": seconds_per_image[PEER, batch_size] / spi,
-                "time_over_floor": spi / seconds_per_image[FLOOR, batch_size],
-            }
-        )
-    return records
+    return [
+        result_record(r, seconds_per_image[PEER, r.batch_size], seconds_per_image[FLOOR, r.batch_size])
+        for r in sorted(results, key=lambda r: (_ROW_ORDER.index(r.variant), r.batch_size))
+    ]
+
+
+def table_row(record: dict) -> tuple:
+    """A record as its Markdown table row (:data:`HEADERS`)."""
+    return (
+        record["variant"],
+        record["batch_size"],
+        f"{record['ms_per_image']:.1f}",
+        f"{record['images_per_second']:.2f}",
+        format_memory(record["peak_memory_bytes"]),
+        format_ratio(record["speedup_vs_peer"]),
+        format_ratio(record["time_over_floor"]),
+    )
 
 
 def run_inference_benchmark(settings: BenchSettings) -> SuiteResult:
     """Measure every variant (:func:`measure_inference`) and tabulate it."""
     records = _records(measure_inference(settings))
-    rows = [
-        (
-            r["variant"],
-            r["batch_size"],
-            f"{r['ms_per_image']:.1f}",
-            f"{r['images_per_second']:.2f}",
-            format_memory(r["peak_memory_bytes"]),
-            format_ratio(r["speedup_vs_peer"]),
-            format_ratio(r["time_over_floor"]),
-        )
-        for r in records
-    ]
+    rows = [table_row(r) for r in records]
     notes = [f"`{name}`: {text}" for name, text in _legend(settings).items()]
     notes.append(
         "peak memory: `torch.cuda.max_memory_allocated` during the timed calls, all SDXL weights resident; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import diffusers
 import torch
@@ -41,15 +41,22 @@ def _quiet() -> Iterator[None]:
 
 
 def run_benchmarks(
-    suites: Sequence[str], settings: BenchSettings, out_dir: str | os.PathLike | None = None
+    suites: Sequence[str],
+    settings: BenchSettings,
+    out_dir: str | os.PathLike | None = None,
+    on_suite: Callable[[str], None] | None = None,
 ) -> tuple[str, list[str]]:
-    """Run ``suites`` (names from :data:`SUITES`); return the Markdown report and the files written to ``out_dir``."""
+    """Run ``suites`` (names from :data:`SUITES`); return the Markdown report and the files written to ``out_dir``.
+
+    ``on_suite(name)`` is called as each suite starts (``di-star bench`` prints it)."""
     unknown = [name for name in suites if name not in SUITES]
     if unknown:
         raise ValueError(f"unknown benchmark suite(s) {unknown}; choose from {list(SUITES)}.")
     results = []
     with _quiet():
         for name in suites:
+            if on_suite is not None:
+                on_suite(name)
             results.append(SUITES[name](settings))
             torch._dynamo.reset()  # compiled graphs (and CUDA graph pools) keep a suite's modules alive
             free_memory(settings.device)

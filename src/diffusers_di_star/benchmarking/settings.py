@@ -21,8 +21,8 @@ TRAINING_LAYOUTS = {
     "separate": "the naive layout, three UNets: generator and assistant, each with its own LoRA, on two separate "
     "copies (`setup_networks` with a separate generator UNet, the DMD2-init path) and a third, frozen copy as the "
     "reference (also checkpointed)",
-    "full": "full finetuning as DMD2: float32 copies of generator and assistant with AdamW, bf16 reference "
-    "(`setup_networks`, `use_lora=False`)",
+    "full": "full finetuning as DMD2: float32 copies of generator and assistant with AdamW, bf16 reference (also "
+    "checkpointed) (`setup_networks`, `use_lora=False`)",
 }
 
 #: ``--quick``: the reduced modules at 64², one (cold) timed call, SDXL base at 2 steps, no compilation, training at

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +37,10 @@ def build_networks(layout: str, config: DIStarConfig, settings: BenchSettings) -
         return setup_networks(config, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
     if layout == "full":
         full = dataclasses.replace(config, use_lora=False)
-        return setup_networks(full, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
+        networks = setup_networks(full, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
+        # The score term backpropagates through the frozen reference's input too: checkpoint it, as `separate` does.
+        networks.reference_unet.enable_gradient_checkpointing()
+        return networks
     generator, frozen_reference = copy.deepcopy(reference), copy.deepcopy(reference)
     frozen_reference.enable_gradient_checkpointing()
     networks = setup_networks(config, reference, generator, TRAINING_DTYPE, gradient_checkpointing=True)
@@ -86,15 +90,23 @@ def _try_measure(iteration: DIStarIteration, batch_size: int, settings: BenchSet
     return None
 
 
-def _largest_batch(iteration: DIStarIteration, settings: BenchSettings, measured: dict[int, Measurement | None]):
+def _largest_batch(
+    iteration: DIStarIteration,
+    settings: BenchSettings,
+    measured: dict[int, Measurement | None],
+    on_probe: Callable[[int, Measurement | None], None] | None = None,
+):
     """``(batch, measurement)`` of the largest batch that fits: doubling from the largest measured one that fit, then
-    bisection. A probe is one iteration (its peak includes the optimiser state)."""
+    bisection. A probe is one iteration (its peak includes the optimiser state); ``on_probe(batch, measurement or
+    None)`` hears each one as it ends, so a caller that cuts the search short keeps what it found."""
     fits = {batch: m for batch, m in measured.items() if m is not None}
     low = max(fits, default=0)
     high = min((batch for batch, m in measured.items() if m is None and batch > low), default=None)
 
     def probe(batch_size: int) -> bool:
         fits[batch_size] = _try_measure(iteration, batch_size, settings, warmup=0, repeats=1)
+        if on_probe is not None:
+            on_probe(batch_size, fits[batch_size])
         return fits[batch_size] is not None
 
     while high is None and low < MAX_BATCH_SEARCHED:
