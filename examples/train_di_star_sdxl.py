@@ -15,19 +15,24 @@ line, the accelerate loop, logging, checkpoints and the final export. See ``docs
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 
+# First: importing the package installs its log filters (quiet.py) before diffusers imports transformers.
+import diffusers_di_star  # noqa: F401
+
+# isort: split
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import set_peft_model_state_dict
@@ -36,7 +41,8 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
-from diffusers_di_star.hub import push_folder, write_model_card
+from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
+from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
     CFG_MODES,
     DEFAULT_LORA_TARGET_MODULES,
@@ -50,10 +56,62 @@ from diffusers_di_star.training import (
     prompt_batch,
     setup_networks,
 )
+from diffusers_di_star.training.checkpointing import (
+    check_run_folder,
+    checkpoint_dirs,
+    load_checkpoint,
+    on_main_process,
+    remove_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from diffusers_di_star.training.distributed import (
+    check_engine,
+    clip_parameters,
+    gather_unet,
+    local_main_first,
+    prepare_networks,
+)
+from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
 
 logger = get_logger(__name__)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: diffusers' schedules that need nothing beyond warm-up and length (piecewise_constant needs step rules).
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+#: The flags that only mean something with --use_lora.
+LORA_FLAGS = ("rank",) + tuple(
+    f"{role}_lora_{key}" for role in ("generator", "assistant") for key in ("rank", "alpha", "target_modules")
+)
+#: What a resume must repeat, because it decides the networks' shapes, the optimiser state or the objective.
+RESUME_FLAGS = (
+    "pretrained_model_name_or_path",
+    "pretrained_generator",
+    "pretrained_generator_weight_name",
+    "use_lora",
+    "use_ema",
+    "divergence",
+    "cfg_mode",
+    "use_8bit_adam",
+)
+LORA_RESUME_FLAGS = LORA_FLAGS[1:]
+MIN_VALUES = {
+    "train_batch_size": 1,
+    "max_train_steps": 1,
+    "num_train_epochs": 1,
+    "gradient_accumulation_steps": 1,
+    "checkpointing_steps": 1,
+    "checkpoints_total_limit": 1,
+    "validation_steps": 1,
+    "max_skipped_steps": 1,
+    "lr_warmup_steps": 0,
+    "adam_weight_decay": 0,
+    "adam_epsilon": 0,
+    "max_grad_norm": 0,
+    "rank": 1,
+}
+#: Exclusive bounds.
+OPEN_RANGES = {"learning_rate": (0, math.inf), "assistant_learning_rate": (0, math.inf), "ema_decay": (0, 1)}
 ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
 
 
@@ -79,16 +137,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of full UNets.")
+    lora.add_argument("--rank", type=int, default=None, help="Both LoRA ranks (Diffusers' examples' flag).")
     for role in ("generator", "assistant"):
-        lora.add_argument(f"--{role}_lora_rank", type=int, default=64)
-        lora.add_argument(f"--{role}_lora_alpha", type=float, default=64.0)
+        lora.add_argument(f"--{role}_lora_rank", type=int, default=None, help="Default: --rank, else 64.")
+        lora.add_argument(f"--{role}_lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
         lora.add_argument(
-            f"--{role}_lora_target_modules", default=",".join(DEFAULT_LORA_TARGET_MODULES), help="comma separated"
+            f"--{role}_lora_target_modules",
+            default=None,
+            help=f"Comma separated, matched as peft does. Default: {','.join(DEFAULT_LORA_TARGET_MODULES)}.",
         )
 
     di_star = parser.add_argument_group("DI* objective")
     di_star.add_argument(
         "--reward", default="pickscore", help="Reward spec, e.g. 'pickscore' or 'pickscore:1,hpsv2:1'."
+    )
+    di_star.add_argument(
+        "--reward_option",
+        "--reward-option",
+        action="append",
+        default=[],
+        metavar="NAME.OPTION=VALUE",
+        help="A reward loader option, e.g. pickscore.model=/ckpt/PickScore_v1 for a local copy (as `di-star eval`).",
     )
     di_star.add_argument("--reward_scale", type=float, default=100.0, help="α_rew (paper: 100 with PickScore).")
     di_star.add_argument("--cfg_mode", choices=CFG_MODES, default="inner")
@@ -103,25 +172,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     di_star.add_argument("--assistant_learning_rate", type=float, default=None, help="Default: --learning_rate.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help="Hub dataset of prompts.")
+    data.add_argument("--dataset_name", default=None, help="Hub dataset of prompts, or a `save_to_disk` folder.")
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument(
         "--train_data_file", default=None, help="Local .txt (one prompt a line) / .csv / .json / .parquet."
     )
-    data.add_argument("--prompt_column", default=None, help="Default: 'text' for .txt, 'prompt' otherwise.")
+    data.add_argument(
+        "--prompt_column", "--caption_column", default=None, help="Default: 'text' for .txt, 'prompt' otherwise."
+    )
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=1024)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="di-star-sdxl")
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run (its checkpoints are deleted).",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
-    train.add_argument("--max_train_steps", type=int, default=1000)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Default: 1000 (or from --num_train_epochs).")
+    train.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help="Instead of --max_train_steps: passes over the prompts (steps = epochs × ⌈prompts / prompts per step⌉).",
+    )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=float, default=1e-5)
     train.add_argument("--scale_lr", action="store_true", help="lr × accumulation × batch size × processes.")
-    train.add_argument("--lr_scheduler", default="constant")
+    train.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     train.add_argument("--lr_warmup_steps", type=int, default=0)
     train.add_argument("--use_8bit_adam", action="store_true")
     train.add_argument("--adam_beta1", type=float, default=0.0, help="DMD2 uses β1 = 0 for both networks.")
@@ -145,12 +227,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     logs.add_argument("--checkpoints_total_limit", type=int, default=None)
     logs.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
     logs.add_argument("--validation_prompts", nargs="*", default=None)
+    logs.add_argument(
+        "--validation_prompt", action="append", default=None, help="One validation prompt (repeatable; Diffusers)."
+    )
     logs.add_argument("--validation_steps", type=int, default=500)
 
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", default=None)
     hub.add_argument("--hub_token", default=None, help="Prefer `hf auth login`: the token is never logged or saved.")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of an error (or DI_STAR_DEBUG=1).")
 
     args = parser.parse_args(argv)
     check_args(args)
@@ -158,31 +244,83 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag errors that need no model: raised before anything heavy is loaded."""
-    for name in (
-        "train_batch_size",
-        "max_train_steps",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_steps",
-        "max_skipped_steps",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
-    if args.learning_rate <= 0 or (args.assistant_learning_rate is not None and args.assistant_learning_rate <= 0):
-        raise ValueError("--learning_rate and --assistant_learning_rate must be > 0.")
-    if not 0 < args.ema_decay < 1:
-        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    """Flag errors that need no model, and the defaults that depend on other flags: before anything heavy loads."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}.")
+    for name, low in MIN_VALUES.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}.")
+    for name, (low, high) in OPEN_RANGES.items():
+        if getattr(args, name) is not None and not low < getattr(args, name) < high:
+            raise ValueError(f"--{name} must be in ({low}, {high}), got {getattr(args, name)}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}.")
+    if args.max_train_steps is not None and args.num_train_epochs is not None:
+        raise ValueError("--max_train_steps and --num_train_epochs both set the run's length: pass one.")
+    if args.num_train_epochs is None and args.max_train_steps is None:
+        args.max_train_steps = 1000
+    lora_flags = [f"--{name}" for name in LORA_FLAGS if getattr(args, name) is not None]
+    if lora_flags and not args.use_lora:
+        raise ValueError(
+            f"{', '.join(lora_flags)} only apply to LoRA training: add --use_lora, or drop them for a full finetune."
+        )
+    for role in ("generator", "assistant"):
+        rank = getattr(args, f"{role}_lora_rank") or args.rank or 64
+        setattr(args, f"{role}_lora_rank", rank)
+        setattr(args, f"{role}_lora_alpha", getattr(args, f"{role}_lora_alpha") or float(rank))
+        modules = getattr(args, f"{role}_lora_target_modules") or ",".join(DEFAULT_LORA_TARGET_MODULES)
+        setattr(args, f"{role}_lora_target_modules", modules)
+    args.validation_prompts = [*(args.validation_prompts or ()), *(args.validation_prompt or ())] or None
+    args.reward_options = parse_reward_options(args.reward_option)
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one.")
+    check_run_folder(args.output_dir, args.resume_from_checkpoint is not None, args.overwrite_output_dir)
     if args.hub_token is not None and args.report_to == "wandb":
         raise ValueError("--hub_token with --report_to=wandb would expose the token; use `hf auth login` instead.")
-    if args.enable_xformers_memory_efficient_attention:
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise ValueError("--enable_xformers_memory_efficient_attention: install diffusers-di-star[xformers].")
+    if args.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(args.report_to) is None:
+        raise ValueError(
+            f"--report_to {args.report_to} needs the {args.report_to} package: `pip install {args.report_to}` "
+            "(tensorboard comes with diffusers-di-star[train]), or pass --report_to none."
+        )
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ValueError("--enable_xformers_memory_efficient_attention: install diffusers-di-star[xformers].")
     make_config(args)
+
+
+def parse_reward_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``--reward_option NAME.OPTION=VALUE`` items as loader options, parsed as ``di-star eval`` parses them."""
+    from diffusers_di_star.cli import CLIError, _parse_reward_options
+
+    try:
+        return _parse_reward_options(items)
+    except CLIError as error:
+        raise ValueError(str(error).replace("--reward-option", "--reward_option")) from None
+
+
+def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_processes: int) -> None:
+    """``--num_train_epochs`` as steps: one epoch is ⌈prompts / (batch × accumulation × processes)⌉ steps, the
+    prompts that ``prompt_batch`` draws in one seeded permutation."""
+    if args.num_train_epochs is not None:
+        per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+        args.max_train_steps = args.num_train_epochs * math.ceil(num_prompts / per_step)
+        logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
+
+
+def resume_settings(args: argparse.Namespace) -> dict:
+    """The flags a resume must repeat (:data:`RESUME_FLAGS`), as recorded in each checkpoint; local paths absolute."""
+    flags = RESUME_FLAGS + (LORA_RESUME_FLAGS if args.use_lora else ())
+    settings = {flag: getattr(args, flag) for flag in flags}
+    for flag in ("pretrained_model_name_or_path", "pretrained_generator"):
+        if settings[flag] is not None and os.path.exists(settings[flag]):
+            settings[flag] = os.path.abspath(settings[flag])
+    for flag in flags:
+        if flag.endswith("_target_modules"):
+            settings[flag] = [name.strip() for name in settings[flag].split(",")]
+    return settings
 
 
 def make_config(args: argparse.Namespace) -> DIStarConfig:
@@ -205,16 +343,87 @@ def make_config(args: argparse.Namespace) -> DIStarConfig:
             for role in ("generator", "assistant")
             for key in ("rank", "alpha")
         },
-        generator_lora_target_modules=args.generator_lora_target_modules.split(","),
-        assistant_lora_target_modules=args.assistant_lora_target_modules.split(","),
+        generator_lora_target_modules=[m.strip() for m in args.generator_lora_target_modules.split(",") if m.strip()],
+        assistant_lora_target_modules=[m.strip() for m in args.assistant_lora_target_modules.split(",") if m.strip()],
     )
 
 
-def load_reward(spec: str):
-    """The reward model from its spec string (``diffusers_di_star.rewards`` registry), frozen."""
-    from diffusers_di_star.rewards import load_reward as load_from_registry
+def load_reward(spec: str, **options):
+    """The reward model from its spec string (``diffusers_di_star.rewards`` registry) and loader options, frozen.
 
-    return load_from_registry(spec).freeze()
+    A checkpoint that is neither local nor reachable names its Hub repos and the ``--reward_option`` for a local copy.
+    """
+    from diffusers_di_star.rewards import load_reward as load_from_registry
+    from diffusers_di_star.rewards.registry import REWARDS, parse_reward_spec
+
+    try:
+        return load_from_registry(spec, **options).freeze()
+    except OSError as error:
+        sources = [
+            (f"{name}.{option}", default)
+            for name in parse_reward_spec(spec)
+            for option, default in _loader_defaults(REWARDS[name].loader).items()
+            if isinstance(default, str) and is_hub_id(default) and "/" in default
+        ]
+        raise ValueError(
+            f"--reward {spec!r}: a checkpoint is not in the local Hugging Face cache and the Hub is unreachable "
+            f"({_first_line(error)}). Download {', '.join(sorted({repo for _, repo in sources}))} on a connected "
+            "machine, or pass local copies: "
+            + " ".join(f"--reward_option {option}=PATH" for option, _ in sources)
+        ) from error
+
+
+def _loader_defaults(loader) -> dict:
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(loader).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """The reference model is reachable and the LoRA targets exist in its UNet (from its config, no weights)."""
+    config = load_unet_config(args.pretrained_model_name_or_path, revision=args.revision)
+    for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
+        name = getattr(args, flag)
+        if name is not None and not is_hub_id(name) and not os.path.exists(name):
+            raise ModelLoadError(f"--{flag} {name!r}: no such file or folder.")
+    if args.use_lora:
+        di_star = make_config(args)
+        targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in ROLE_DIRS}
+        check_lora_targets(config, targets)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
+
+
+def non_finite_message(output_dir: str, skipped: int) -> str:
+    complete = checkpoint_dirs(output_dir)  # skipped steps change no weight: the newest checkpoint is finite
+    saved = (
+        f"the last checkpoint, {complete[-1]}, is intact (--resume_from_checkpoint latest)"
+        if complete
+        else "no checkpoint was saved yet"
+    )
+    return (
+        f"{skipped} non-finite steps in a row: stopping; {saved}. Lower the learning rate or the reward scale, "
+        "or try --mixed_precision bf16."
+    )
+
+
+def hub_repo_id(args: argparse.Namespace) -> str:
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
+def check_accelerator(accelerator: Accelerator) -> None:
+    """A precision the device cannot honour (fp16 on a CPU, where accelerate silently runs fp16 weights)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no.")
 
 
 def load_text_models(args):
@@ -241,22 +450,31 @@ def load_vae(args) -> AutoencoderKL:
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
-    """Checkpoints hold the generator and assistant as LoRA (``save_lora_weights`` format) or full UNets."""
+    """Checkpoints hold the generator and assistant as LoRA (``save_lora_weights`` format) or full UNets.
+
+    Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
+    FSDP, see :func:`gather_unet`). Under FSDP accelerate also writes its own (sharded) model and optimiser states
+    and resumes from those; otherwise the folders are what resuming loads.
+    """
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for role, folder in ROLE_DIRS.items():
-                path = os.path.join(output_dir, folder)
-                if networks.use_lora:
+        for role, folder in ROLE_DIRS.items():
+            path = os.path.join(output_dir, folder)
+            if networks.use_lora:
+                if accelerator.is_main_process:
                     state_dict, metadata = networks.lora_state_dict(role)
                     StableDiffusionXLPipeline.save_lora_weights(
                         path, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
                     )
-                else:
-                    networks.bare_unet(role).save_pretrained(path)
+            else:
+                unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
+                if accelerator.is_main_process:
+                    unet.save_pretrained(path)
         weights.clear()  # accelerate would otherwise save the prepared modules a second time
 
     def load_hook(models, input_dir):
+        if networks.route_frozen_calls:
+            return  # accelerate's FSDP checkpoint restores the sharded units (and `models` is empty)
         models.clear()
         for role, folder in ROLE_DIRS.items():
             path = os.path.join(input_dir, folder)
@@ -278,58 +496,14 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def checkpoint_dirs(output_dir: str) -> list[str]:
-    """``checkpoint-<step>`` folders, oldest first (half-written ``.tmp`` folders are ignored)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
-    return sorted(names, key=lambda d: int(d.split("-", 1)[1]))
-
-
-def save_checkpoint(accelerator: Accelerator, args, global_step: int) -> None:
-    """``accelerator.save_state`` into a temporary folder, renamed when complete; old ones beyond the limit removed."""
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        existing = checkpoint_dirs(args.output_dir)
-        if args.checkpoints_total_limit is not None and len(existing) >= args.checkpoints_total_limit:
-            for name in existing[: len(existing) - args.checkpoints_total_limit + 1]:
-                logger.info(f"removing checkpoint {name} (checkpoints_total_limit={args.checkpoints_total_limit})")
-                shutil.rmtree(os.path.join(args.output_dir, name))
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        logger.info(f"saved {final}")
-    accelerator.wait_for_everyone()
-
-
-def resolve_resume(args) -> str | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        if not os.path.isdir(args.resume_from_checkpoint):
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder.")
-        return args.resume_from_checkpoint
-    existing = checkpoint_dirs(args.output_dir)
-    if not existing:
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
-        return None
-    return os.path.join(args.output_dir, existing[-1])
-
-
-def build_pipeline(args, networks, tokenizers, text_encoders, vae, scheduler) -> DIStarSDXLPipeline:
-    networks.unet("generator")
+def build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler) -> DIStarSDXLPipeline:
     return DIStarSDXLPipeline(
         vae=vae,
         text_encoder=text_encoders[0],
         text_encoder_2=text_encoders[1],
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
-        unet=networks.bare_unet("generator"),
+        unet=generator_unet,
         scheduler=scheduler,
         add_watermarker=False,
         conditioning_timestep=args.conditioning_timestep,
@@ -347,6 +521,24 @@ def validate(args, pipeline, folder: str) -> list[str]:
         paths.append(os.path.join(folder, f"{i:03d}.png"))
         image.save(paths[-1])
     return paths
+
+
+def log_validation_images(trackers, paths: list[str], prompts: list[str], step: int) -> None:
+    """The validation PNGs to the trackers too (as in Diffusers' examples): tensorboard as a batch, wandb captioned."""
+    if not paths:
+        return
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            captioned = [wandb.Image(image, caption=p) for image, p in zip(images, prompts, strict=True)]
+            tracker.log({"validation": captioned}, step=step)
 
 
 def make_optimizer(args, params, lr):
@@ -386,13 +578,38 @@ def main(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    # Data and reward first: a bad file, column or reward spec fails before the UNets are loaded.
-    prompts = load_prompts(
-        args.dataset_name, args.train_data_file, args.prompt_column, args.dataset_config_name, cache_dir=args.cache_dir
+    # A mode the engine cannot run fails now, in one line (DeepSpeed; LoRA or EMA under FSDP).
+    sharded = check_engine(
+        accelerator.distributed_type,
+        use_lora=args.use_lora,
+        use_ema=args.use_ema,
+        fsdp_plugin=getattr(accelerator.state, "fsdp_plugin", None),
+    )
+    check_accelerator(accelerator)
+    # The run folder, the checkpoint to resume (settings checked) and the Hub repo are settled before anything loads,
+    # decided by the main process for every rank: a mismatch or a bad token fails in seconds, not after the run.
+    if args.overwrite_output_dir:
+        on_main_process(accelerator, remove_checkpoints, args.output_dir)
+    resume = resolve_resume(accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args))
+    if args.push_to_hub:
+        args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
+    # Data and reward first: a bad file, column or reward spec fails before the UNets are loaded. A Hub dataset is
+    # downloaded once per node, the other ranks read the cache.
+    prompts = local_main_first(
+        accelerator,
+        lambda: load_prompts(
+            args.dataset_name,
+            args.train_data_file,
+            args.prompt_column,
+            args.dataset_config_name,
+            cache_dir=args.cache_dir,
+        ),
     )
     logger.info(f"{len(prompts)} training prompts")
-    reward_model = load_reward(args.reward) if config.reward_scale > 0 else None
-    set_seed(args.seed, device_specific=True)
+    resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
+    check_models(args)
+    reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
+    set_seed(args.seed)  # the same on every rank: LoRA's random init must be identical everywhere
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -413,7 +630,10 @@ def main(args: argparse.Namespace) -> int:
             weight_name=args.pretrained_generator_weight_name,
             variant=args.variant,
         )
-    networks = setup_networks(config, reference_unet, generator_unet, weight_dtype, args.gradient_checkpointing)
+    # Under FSDP the UNets stay float32 (its mixed-precision policy casts for compute) and are sharded as such.
+    unet_dtype = torch.float32 if sharded else weight_dtype
+    networks = setup_networks(config, reference_unet, generator_unet, unet_dtype, args.gradient_checkpointing)
+    set_seed(args.seed, device_specific=True)
     # Frozen modules in the weight dtype; SDXL's VAE overflows in fp16, so it stays fp32 there (diffusers' rule).
     vae_dtype = torch.float32 if weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
@@ -423,7 +643,6 @@ def main(args: argparse.Namespace) -> int:
         text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     if reward_model is not None:
         reward_model.to(accelerator.device)
-    trainable_unets = list({id(u): u for u in (networks.bare_unet(r) for r in ("generator", "assistant"))}.values())
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
         unet.to(accelerator.device)
         if args.enable_xformers_memory_efficient_attention:
@@ -435,10 +654,8 @@ def main(args: argparse.Namespace) -> int:
     if args.scale_lr:
         factor = args.gradient_accumulation_steps * args.train_batch_size * world
         generator_lr, assistant_lr = generator_lr * factor, assistant_lr * factor
-    generator_params = networks.trainable_parameters("generator")
-    assistant_params = networks.trainable_parameters("assistant")
-    generator_optimizer = make_optimizer(args, generator_params, generator_lr)
-    assistant_optimizer = make_optimizer(args, assistant_params, assistant_lr)
+    generator_optimizer = make_optimizer(args, networks.trainable_parameters("generator"), generator_lr)
+    assistant_optimizer = make_optimizer(args, networks.trainable_parameters("assistant"), assistant_lr)
     generator_lr_scheduler = get_scheduler(
         args.lr_scheduler,
         generator_optimizer,
@@ -451,31 +668,30 @@ def main(args: argparse.Namespace) -> int:
         num_warmup_steps=args.lr_warmup_steps * world,
         num_training_steps=args.max_train_steps * args.assistant_updates_per_step * world,
     )
-    ema = EMAModel(generator_params, decay=args.ema_decay) if args.use_ema else None
-
-    prepared = accelerator.prepare(
-        *trainable_unets, generator_optimizer, assistant_optimizer, generator_lr_scheduler, assistant_lr_scheduler
+    optimizers, lr_schedulers = prepare_networks(
+        accelerator,
+        networks,
+        {"generator": generator_optimizer, "assistant": assistant_optimizer},
+        {"generator": generator_lr_scheduler, "assistant": assistant_lr_scheduler},
+        sharded,
     )
-    wrapped_unets = prepared[: len(trainable_unets)]
-    generator_optimizer, assistant_optimizer, generator_lr_scheduler, assistant_lr_scheduler = prepared[
-        len(trainable_unets) :
-    ]
-    for role in ("generator", "assistant"):
-        networks.wrapped[role] = wrapped_unets[trainable_unets.index(networks.bare_unet(role))]
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    generator_optimizer, assistant_optimizer = optimizers["generator"], optimizers["assistant"]
+    generator_lr_scheduler, assistant_lr_scheduler = lr_schedulers["generator"], lr_schedulers["assistant"]
+    # Parameters taken after `prepare` (a sharding engine replaces or re-views them).
+    generator_params, assistant_params = (clip_parameters(networks, role) for role in ("generator", "assistant"))
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(networks.trainable_parameters("generator"), decay=args.ema_decay)
+        ema.to(accelerator.device)  # checkpointed as safetensors by save_checkpoint, not pickled by accelerate
     register_checkpoint_hooks(accelerator, networks)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, (list, dict))}
         accelerator.init_trackers("di-star-sdxl", config=tracker_config)
 
     global_step = 0
-    resume = resolve_resume(args)
     if resume is not None:
-        accelerator.load_state(resume)
-        global_step = int(os.path.basename(os.path.normpath(resume)).split("-")[-1])
+        global_step = load_checkpoint(accelerator, resume, accelerator.load_state, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
 
     def conditioning_batches(step):
@@ -486,6 +702,7 @@ def main(args: argparse.Namespace) -> int:
 
     def update(optimizer, lr_scheduler, params, losses):
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         if not all_finite(accelerator, *losses, grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return None
@@ -532,14 +749,11 @@ def main(args: argparse.Namespace) -> int:
             skipped += 1
             logger.warning(f"step {global_step}: non-finite loss or gradient, update skipped ({skipped} in a row)")
             if skipped >= args.max_skipped_steps:
-                raise RuntimeError(
-                    f"{skipped} non-finite steps in a row: stopping. The last good checkpoint in {args.output_dir} is "
-                    "intact; lower the learning rate or the reward scale, or try --mixed_precision bf16."
-                )
+                raise TrainingStopped(non_finite_message(args.output_dir, skipped))
             continue
         skipped = 0
         if ema is not None:
-            ema.step(generator_params)
+            ema.step(networks.trainable_parameters("generator"))
         global_step += 1
         progress.update(1)
         logs.update(
@@ -551,25 +765,40 @@ def main(args: argparse.Namespace) -> int:
         accelerator.log(logs, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, args, global_step)
-        if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            pipeline = build_pipeline(args, networks, tokenizers, text_encoders, vae, scheduler)
-            validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
+            save_checkpoint(
+                accelerator,
+                args.output_dir,
+                global_step,
+                accelerator.save_state,
+                resume_settings(args),
+                args.checkpoints_total_limit,
+                ema,
+            )
+        if args.validation_prompts and global_step % args.validation_steps == 0:
+            generator = gather_unet(accelerator, networks, "generator")  # all ranks: a gather under FSDP
+            if accelerator.is_main_process:
+                pipeline = build_pipeline(args, generator, tokenizers, text_encoders, vae, scheduler)
+                paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
+                log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
     progress.close()
 
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(networks.trainable_parameters("generator"))
+    generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
-        status = export(args, networks, ema, tokenizers, text_encoders, vae, scheduler)
+        status = export(args, networks, generator, tokenizers, text_encoders, vae, scheduler)
     accelerator.end_training()
     return status
 
 
-def export(args, networks, ema, tokenizers, text_encoders, vae, scheduler) -> int:
-    """The final folder: LoRA weights or a full pipeline, validation images, model card; optionally pushed."""
-    if ema is not None:
-        ema.copy_to(networks.trainable_parameters("generator"))
-    pipeline = build_pipeline(args, networks, tokenizers, text_encoders, vae, scheduler)
+def export(args, networks, generator_unet, tokenizers, text_encoders, vae, scheduler) -> int:
+    """The final folder: LoRA weights or a full pipeline, validation images, model card; optionally pushed.
+
+    ``generator_unet`` holds g_θ's full weights (:func:`gather_unet`, with the EMA copied in when ``--use_ema``).
+    """
+    pipeline = build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler)
     if networks.use_lora:
         state_dict, metadata = networks.lora_state_dict("generator")
         StableDiffusionXLPipeline.save_lora_weights(
@@ -590,7 +819,7 @@ def export(args, networks, ema, tokenizers, text_encoders, vae, scheduler) -> in
         base_model=args.pretrained_model_name_or_path,
         generator_init=args.pretrained_generator,
         generator_weight_name=args.pretrained_generator_weight_name,
-        reward=args.reward,
+        reward=args.reward if args.reward_scale > 0 else None,
         hyperparameters=hyperparameters,
         lora=networks.use_lora,
         repo_id=args.hub_model_id,
@@ -604,5 +833,24 @@ def export(args, networks, ema, tokenizers, text_encoders, vae, scheduler) -> in
     return 0
 
 
+#: Errors the user causes and can fix: one line ``train_di_star_sdxl.py: error: …`` and exit 2 (as the `di-star`
+#: commands); ValueError is this codebase's bad-input error (check_args, DIStarConfig, load_prompts, the registry).
+USER_ERRORS = (ValueError, ModelLoadError, ImportError)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main(parse_args(argv))`` with user errors as one line; ``--debug`` or ``DI_STAR_DEBUG=1`` re-raises them."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("DI_STAR_DEBUG", "") not in ("", "0")
+    try:
+        return main(parse_args(argv))
+    except (*USER_ERRORS, TrainingStopped) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingStopped) else 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(cli())

@@ -18,13 +18,7 @@ from diffusers_di_star.training import (
 LORA = {"generator_lora_rank": 4, "generator_lora_alpha": 8, "assistant_lora_rank": 4, "assistant_lora_alpha": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is faster than two fighting ones for these tiny models.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(**kwargs):
@@ -249,3 +243,14 @@ def test_encode_prompts_equals_the_pipeline_conditioning(tiny_components):
     torch.testing.assert_close(cond.prompt_embeds, prompt_embeds, atol=0, rtol=0)
     torch.testing.assert_close(cond.pooled_prompt_embeds, pooled, atol=0, rtol=0)
     torch.testing.assert_close(cond.time_ids, time_ids.repeat(2, 1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_reaches_the_frozen_reference(tiny_components, use_lora):
+    # The score term backpropagates through the reference's input, so it must checkpoint like the trained networks.
+    config = make_config(use_lora=use_lora)
+    unet = copy.deepcopy(tiny_components["unet"])
+    networks = setup_networks(config, unet, gradient_checkpointing=True)
+    assert all(networks.bare_unet(role).is_gradient_checkpointing for role in ("generator", "assistant", "reference"))
+    plain = setup_networks(config, copy.deepcopy(tiny_components["unet"]))
+    assert not any(plain.bare_unet(role).is_gradient_checkpointing for role in ("generator", "assistant", "reference"))

@@ -1,65 +1,249 @@
-"""``accelerate launch --num_processes 2`` on CPU (gloo): ranks stay in sync and only rank 0 writes the outputs."""
+"""The trainer on 2 CPU processes (gloo) under DDP and under FSDP2 sharding, through ``accelerate launch``.
 
+DDP: ranks stay in sync, LoRA starts identical on every rank, only rank 0 writes. FSDP (the shipped
+``examples/accelerate_configs/fsdp_8gpu.yaml`` with 2 processes and no mixed precision): parameters really are
+sharded, the result equals DDP's, a resumed run equals the uninterrupted one, the export is a normal Diffusers folder
+and LoRA is refused with its one-line message.
+"""
+
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 
+from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.testing import TINY_PROMPTS
+from diffusers_di_star.training.distributed import check_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, os.pardir, "examples", "train_di_star_sdxl.py")
+ROOT = os.path.join(HERE, os.pardir)
+SCRIPT = os.path.join(ROOT, "examples", "train_di_star_sdxl.py")
+FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.yaml")
 
-# Runs the example with the stub reward; every rank dumps its generator parameters and notes each export it made.
+# Runs the example (stub reward) once per entry of the JSON list in DI_STAR_TEST_RUNS, in one process group:
+# {"name", "args", "refused"}. A run with "refused" must fail with a ValueError, whose message is recorded. For
+# each other run every rank records, under <probe>/<name>/, its generator's initial trainable parameters, how its
+# prepared units' parameters are laid out (after `prepare` and at the end), its final generator parameters
+# (unsharded engines) and each export it made.
 LAUNCHER = textwrap.dedent(
     """
-    import importlib.util, os, sys
+    import importlib.util, json, os, sys
     import torch
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
     from accelerate import PartialState
+    if os.environ.get("DI_STAR_TEST_FSDP_ON_CPU") == "1":
+        # TEST-ONLY switch: accelerate turns FSDP on only for accelerator devices (with ACCELERATE_USE_CPU=1 an
+        # FSDP config silently runs as DDP). Presenting the gloo group as MULTI_GPU, on the index-less "cpu" device
+        # that ACCELERATE_TORCH_DEVICE sets, makes accelerate's own FSDP plugin shard for real on CPU.
+        PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_GPU)
+    # Several runs share this process group: end_training would destroy it (the process exit does that here).
+    PartialState.destroy_process_group = AcceleratorState.destroy_process_group = lambda self, group=None: None
+    from torch.distributed.tensor import DTensor
     sys.path.insert(0, {tests!r})
     from training_helpers import PatternReward
     spec = importlib.util.spec_from_file_location("train_di_star_sdxl", {script!r})
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.load_reward = lambda spec: PatternReward().freeze()
-    captured, setup, export = {{}}, script.setup_networks, script.export
-    script.setup_networks = lambda *a, **k: captured.setdefault("networks", setup(*a, **k))
+    rank = int(os.environ["RANK"])  # (a PartialState made here would miss ACCELERATE_USE_CPU)
+    captured, setup, prepare, export = {{}}, script.setup_networks, script.prepare_networks, script.export
+
+    def layout(networks):
+        params = [p for u in {{id(u): u for u in networks.prepared.values()}}.values() for p in u.parameters()]
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        return {{"dtensors": sum(isinstance(p, DTensor) for p in params), "params": len(params), "local": local,
+                "global": sum(p.numel() for p in params)}}
+
+    def recording_setup(*args, **kwargs):
+        networks = captured["networks"] = setup(*args, **kwargs)
+        initial = [p.detach().clone() for p in networks.trainable_parameters("generator")]
+        torch.save(initial, os.path.join(captured["probe"], f"initial-rank{{rank}}.pt"))
+        return networks
+
+    def recording_prepare(accelerator, networks, *args, **kwargs):
+        result = prepare(accelerator, networks, *args, **kwargs)
+        captured["prepared"] = layout(networks)
+        return result
+
     def recording_export(*args, **kwargs):
-        open(os.path.join({probe!r}, "export-rank" + str(PartialState().process_index)), "w").close()
+        open(os.path.join(captured["probe"], f"export-rank{{rank}}"), "w").close()
         return export(*args, **kwargs)
+
+    script.setup_networks, script.prepare_networks = recording_setup, recording_prepare
     script.export = recording_export
-    status = script.main(script.parse_args(sys.argv[1:]))
-    params = [p.detach().cpu() for p in captured["networks"].trainable_parameters("generator")]
-    torch.save(params, os.path.join({probe!r}, "generator-rank" + str(PartialState().process_index) + ".pt"))
-    sys.exit(status)
+    for run in json.loads(os.environ["DI_STAR_TEST_RUNS"]):
+        AcceleratorState._reset_state(reset_partial_state=True)  # each run as a fresh launch
+        probe = captured["probe"] = os.path.join({probe!r}, run["name"])
+        os.makedirs(probe, exist_ok=True)
+        args = script.parse_args(sys.argv[1:] + run["args"])
+        if run.get("refused"):
+            try:
+                script.main(args)
+            except ValueError as error:
+                open(os.path.join(probe, f"refused-rank{{rank}}.txt"), "w").write(str(error))
+            continue
+        if script.main(args) != 0:
+            sys.exit(1)
+        networks = captured["networks"]
+        with open(os.path.join(probe, f"layout-rank{{rank}}.json"), "w") as f:
+            json.dump({{"prepared": captured["prepared"], "end": layout(networks)}}, f)
+        if not networks.route_frozen_calls:
+            params = [p.detach().cpu() for p in networks.trainable_parameters("generator")]
+            torch.save(params, os.path.join(probe, f"generator-rank{{rank}}.pt"))
     """
 )
 
 
-def test_two_cpu_processes_stay_in_sync(tiny_sdxl_dir, tmp_path):
-    probe, out = tmp_path / "probe", tmp_path / "out"
+def launch(tmp_path, tiny_sdxl_dir, runs, fsdp=False):
+    """The ``runs`` ({"name", "args", "refused"}) in one 2-process launch; returns the probe folder (outputs in it)."""
+    probe = tmp_path / "probe"
     probe.mkdir()
-    (tmp_path / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(tests=HERE, script=SCRIPT, probe=str(probe)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DI_STAR_TEST_RUNS": json.dumps(runs)}
+    if fsdp:
+        engine = ["--config_file", FSDP_CONFIG]
+        env.pop("ACCELERATE_USE_CPU", None)
+        env.update(DI_STAR_TEST_FSDP_ON_CPU="1", ACCELERATE_TORCH_DEVICE="cpu")
+    else:
+        # `--cpu` alone starts ONE process; `--multi_gpu` with ACCELERATE_USE_CPU=1 gives two gloo processes.
+        engine = ["--multi_gpu", "--dynamo_backend", "no"]
+        env["ACCELERATE_USE_CPU"] = "1"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher),
-        "--pretrained_model_name_or_path", tiny_sdxl_dir, "--train_data_file", str(tmp_path / "prompts.txt"),
-        "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2",
-        "--report_to", "none", "--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4",
-        "--learning_rate", "1e-2", "--checkpointing_steps", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", str(launcher), "--pretrained_model_name_or_path", tiny_sdxl_dir,
+        "--train_data_file", str(prompts), "--resolution", "64", "--train_batch_size", "1", "--report_to", "none",
     ]  # fmt: skip
-    # `--cpu` alone starts ONE process; `--multi_gpu` with ACCELERATE_USE_CPU=1 gives two gloo processes (MULTI_CPU).
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return probe
 
+
+# Full finetuning, the same seed and data under both engines. AdamW's ε = 1e-4 keeps its update smooth in the
+# gradient: with β1 = 0 (the default) and the usual ε = 1e-8 the update is lr·sign(g) wherever |g| ≫ ε, so an element
+# whose gradient is near 0 could flip by 2·lr on a float32 reduction-order difference.
+FULL = ["--learning_rate", "1e-3", "--adam_epsilon", "1e-4", "--max_train_steps", "2", "--seed", "3"]
+LORA = ["--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4", "--learning_rate", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sdxl_dir, tmp_path_factory):
+    """Two launches: DDP (LoRA, full) and FSDP (LoRA refused, full with validation, full resumed from checkpoint-1)."""
+    ddp, fsdp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("fsdp")
+    ddp_probe = launch(
+        ddp,
+        tiny_sdxl_dir,
+        [
+            {"name": "lora", "args": [*LORA, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                      "--output_dir", str(ddp / "lora")]},
+            {"name": "full", "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "full")]},
+        ],
+    )  # fmt: skip
+    fsdp_probe = launch(
+        fsdp,
+        tiny_sdxl_dir,
+        [
+            {"name": "lora", "args": [*LORA, "--output_dir", str(fsdp / "lora")], "refused": True},
+            {"name": "full", "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(fsdp / "full"),
+                                      "--validation_prompts", "a cat", "--validation_steps", "1"]},
+            {"name": "resumed", "args": [*FULL, "--output_dir", str(fsdp / "resumed"),
+                                         "--resume_from_checkpoint", str(fsdp / "full" / "checkpoint-1")]},
+        ],
+        fsdp=True,
+    )  # fmt: skip
+    return {"ddp": (ddp, ddp_probe), "fsdp": (fsdp, fsdp_probe)}
+
+
+def test_two_cpu_processes_stay_in_sync(runs):
+    out, probe = runs["ddp"][0] / "lora", runs["ddp"][1] / "lora"
+    # LoRA's random init is identical on every rank before DDP broadcasts anything (seeded before the adapters).
+    initial0, initial1 = (torch.load(probe / f"initial-rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(initial0, initial1, strict=True))
     rank0, rank1 = (torch.load(probe / f"generator-rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
     assert any(p.abs().max() > 0 for p in rank0[1::2]), "the generator did not train"
     assert os.path.exists(probe / "export-rank0") and not os.path.exists(probe / "export-rank1")
     assert sorted(os.listdir(out / "checkpoint-2" / "generator")) == ["pytorch_lora_weights.safetensors"]
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def test_fsdp_shards_the_networks_and_matches_ddp(runs, tiny_sdxl_dir):
+    (ddp_out, ddp_probe), (fsdp_out, fsdp_probe) = ((d / "full", p / "full") for d, p in (runs["ddp"], runs["fsdp"]))
+    for when in ("prepared", "end"):
+        layouts = [json.loads((fsdp_probe / f"layout-rank{r}.json").read_text())[when] for r in (0, 1)]
+        assert all(layout["dtensors"] == layout["params"] for layout in layouts), "FSDP2 did not shard every parameter"
+        assert layouts[0]["local"] + layouts[1]["local"] == layouts[0]["global"]
+        assert max(layout["local"] for layout in layouts) < 0.6 * layouts[0]["global"], "one rank holds too much"
+        ddp_layout = json.loads((ddp_probe / "layout-rank0.json").read_text())[when]
+        assert ddp_layout["dtensors"] == 0 and ddp_layout["local"] == ddp_layout["global"]
+    assert os.path.exists(fsdp_probe / "export-rank0") and not os.path.exists(fsdp_probe / "export-rank1")
+    # Validation mid-run gathers the generator on every rank and renders on rank 0 (no hang), as does the export.
+    for image in ("validation/step-1/000.png", "validation/step-2/000.png", "images/000.png"):
+        assert os.path.isfile(fsdp_out / image)
+
+    # Same seed and data: the same training, up to float32 reduction order (all-reduce vs reduce-scatter).
+    for folder in ("unet", "checkpoint-2/generator", "checkpoint-2/assistant"):
+        expected, actual = unet_weights(ddp_out / folder), unet_weights(fsdp_out / folder)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    initial = unet_weights(os.path.join(tiny_sdxl_dir, "unet"))
+    assert max((initial[k] - actual[k]).abs().max() for k in actual) > 1e-4, "the run did not train"
+
+
+def test_fsdp_resume_equals_uninterrupted_run_and_export_loads(runs):
+    ddp_out, fsdp_out, resumed_out = runs["ddp"][0] / "full", runs["fsdp"][0] / "full", runs["fsdp"][0] / "resumed"
+    expected, actual = unet_weights(fsdp_out / "unet"), unet_weights(resumed_out / "unet")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    images = []
+    for folder in (ddp_out, fsdp_out):
+        pipe = DIStarSDXLPipeline.from_pretrained(str(folder))
+        generator = torch.Generator().manual_seed(0)
+        images.append(pipe(list(TINY_PROMPTS[:2]), height=64, width=64, generator=generator, output_type="np").images)
+    np.testing.assert_allclose(images[1], images[0], atol=1e-4)
+
+
+def test_lora_and_deepspeed_are_refused_with_one_line(runs):
+    probe = runs["fsdp"][1] / "lora"
+    for rank in (0, 1):
+        message = (probe / f"refused-rank{rank}.txt").read_text()
+        assert message.startswith("--use_lora keeps generator, assistant and reference in one UNet")
+        assert "examples/accelerate_configs/multi_gpu.yaml" in message and "\n" not in message
+    # DeepSpeed is refused from accelerate's distributed type alone (deepspeed itself need not be installed).
+    with pytest.raises(ValueError, match=r"^DeepSpeed is not supported .* use FSDP for full finetuning"):
+        check_engine(DistributedType.DEEPSPEED, use_lora=False, use_ema=False)
+    with pytest.raises(ValueError, match="--use_ema is not supported under FSDP"):
+        check_engine(DistributedType.FSDP, use_lora=False, use_ema=True)
+    fsdp1 = SimpleNamespace(fsdp_version=1, use_orig_params=False)
+    with pytest.raises(ValueError, match="FSDP1 needs `fsdp_use_orig_params: true`"):
+        check_engine(DistributedType.FSDP, use_lora=False, use_ema=False, fsdp_plugin=fsdp1)
+    fsdp1.use_orig_params = True
+    assert check_engine(DistributedType.FSDP, use_lora=False, use_ema=False, fsdp_plugin=fsdp1) is True
+    assert check_engine(DistributedType.MULTI_GPU, use_lora=True, use_ema=True) is False
+
+
+def test_docs_memory_table_is_the_computed_one():
+    from diffusers_di_star.training.distributed import full_finetuning_memory_gb, sdxl_parameter_counts
+
+    counts = sdxl_parameter_counts()
+    assert counts == {"unet": 2_567_463_684, "text_encoders": 817_720_320, "vae": 83_653_863}
+    docs = open(os.path.join(ROOT, "docs", "training.md")).read()
+    for gpus in (1, 2, 4, 8):
+        row = " | ".join(f"{value:.1f}" for value in full_finetuning_memory_gb(gpus, counts).values())
+        assert f"| {gpus} | {row} |" in docs

@@ -6,7 +6,7 @@ import logging
 import os
 import shlex
 
-__all__ = ["TAGS", "write_model_card", "push_folder"]
+__all__ = ["TAGS", "create_hub_repo", "push_folder", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -14,20 +14,40 @@ logger = logging.getLogger(__name__)
 TAGS = ("diffusers", "text-to-image", "di-star", "stable-diffusion-xl")
 
 
+#: Settings already stated in the card's text or irrelevant to the weights, left out of its hyperparameter table.
+_NOT_IN_TABLE = ("pretrained_model_name_or_path", "pretrained_generator", "pretrained_generator_weight_name", "reward")
+_NOT_IN_TABLE += ("push_to_hub", "hub_model_id", "hub_token", "debug", "overwrite_output_dir", "report_to")
+
+
 def write_model_card(
     output_dir: str,
     base_model: str,
     generator_init: str | None,
-    reward: str,
+    reward: str | None,
     hyperparameters: dict,
     lora: bool,
     repo_id: str | None = None,
     images: list[str] = (),
     generator_weight_name: str | None = None,
 ) -> str:
-    """Write ``output_dir/README.md``: base model, init weights, reward, hyperparameters, licences, usage, tags."""
+    """Write ``output_dir/README.md``: what the model is, how it was trained (DI* settings), how to load it, licence.
+
+    ``reward`` is the reward spec, or ``None`` when no reward was used (``reward_scale`` 0): then none is claimed.
+    Only Hub ids go into the ``base_model:`` metadata; a local path is named in the text.
+    """
+    from huggingface_hub import ModelCardData
+
+    from .training.preflight import is_hub_id
+
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
-    init = generator_init or base_model
+    sources = [base_model] + ([generator_init] if generator_init and generator_init != base_model else [])
+    metadata = ModelCardData(
+        base_model=[source for source in sources if is_hub_id(source)] or None,
+        library_name="diffusers",
+        license="openrail++",
+        pipeline_tag="text-to-image",
+        tags=[*TAGS, *(["lora"] if lora else [])],
+    )
     if lora:
         weight_arg = f', weight_name="{generator_weight_name}"' if generator_weight_name else ""
         init_line = (
@@ -43,21 +63,39 @@ def write_model_card(
         )
     else:
         usage = f'pipe = DIStarSDXLPipeline.from_pretrained("{name}")\n'
-    table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(hyperparameters.items()))
+    h = hyperparameters
+    if reward is not None:
+        objective = (
+            f"to maximise the reward `{reward}` (α_rew = {h.get('reward_scale')}) while a score-based divergence "
+            "keeps it close to the reference diffusion model"
+        )
+    else:
+        objective = "without a reward (α_rew = 0): a score-based divergence alone pulls it towards the reference model"
+    init = f", initialised from `{generator_init}`" if generator_init else ""
+    settings = [f"divergence: `{h.get('divergence')}`" + (f" (c = {h['huber_c']})" if "huber_c" in h else "")]
+    if h.get("cfg_mode") == "reward":
+        settings.append(f"CFG as an implicit reward, α_cfg = {h.get('cfg_reward_scale')}")
+    elif h.get("cfg_mode") == "inner":
+        settings.append(f"CFG-enhanced reference (DI*-In), γ = {h.get('guidance_scale')}")
+    settings.append(f"one-step conditioning timestep t* = {h.get('conditioning_timestep', 399)}")
+    if lora:
+        settings.append(f"LoRA rank {h.get('generator_lora_rank')}, alpha {h.get('generator_lora_alpha')}")
+    settings.append(f"{h.get('max_train_steps')} steps, learning rate {h.get('learning_rate')}")
+    table = "\n".join(
+        f"| `{key}` | `{value}` |" for key, value in sorted(h.items()) if key not in _NOT_IN_TABLE
+    )
     gallery = "\n".join(f"![]({os.path.relpath(image, output_dir)})" for image in images)
-    tags = "\n".join(f"- {tag}" for tag in (*TAGS, "lora") if tag != "lora" or lora)
+    reward_licence = f", and of the reward model `{reward}`," if reward is not None else ""
     text = f"""---
-base_model: {init}
-tags:
-{tags}
-license: openrail++
+{metadata.to_yaml()}
 ---
 
 # {name}
 
-A one-step SDXL generator post-trained with Diff-Instruct* (DI*, arXiv 2410.20898) to maximise the reward
-`{reward}` while a score-based divergence keeps it close to the reference diffusion model `{base_model}`.
-The generator was initialised from `{init}`; it was trained {"as a LoRA" if lora else "in full"}.
+A one-step SDXL generator post-trained with Diff-Instruct* (DI*, arXiv 2410.20898) from `{base_model}`{init},
+{objective}. It was trained {"as a LoRA" if lora else "in full"}.
+
+DI* settings: {"; ".join(settings)}.
 
 ## Usage
 
@@ -68,13 +106,13 @@ from diffusers_di_star import DIStarSDXLPipeline
 ```
 
 Plain diffusers works too: `StableDiffusionXLPipeline` with `LCMScheduler`, `timesteps=[{
-        hyperparameters.get("conditioning_timestep", 399)
-    }]` and `guidance_scale=0`.
+        h.get("conditioning_timestep", 399)
+    }]` and `guidance_scale=0`{", after `load_lora_weights`" if lora else ""}.
 
 ## Licence
 
-The weights derive from `{base_model}` (CreativeML Open RAIL++-M licence) and `{init}`; check the licence of
-both, and of the reward model `{reward}`, before use.
+CreativeML Open RAIL++-M, the licence of SDXL, which these weights derive from; check the licence of the base and
+initial weights{reward_licence} before use.
 
 ## Training hyperparameters
 
@@ -88,6 +126,25 @@ both, and of the reward model `{reward}`, before use.
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def create_hub_repo(repo_id: str, token: str | None = None) -> str:
+    """Create the Hub model repo (or find it, if it exists) before training, as Diffusers' examples do; its full id.
+
+    A bad token, a name in someone else's namespace, or no network raises ``ValueError`` in one line: nothing is
+    trained. The token is never logged.
+    """
+    from huggingface_hub import create_repo
+
+    try:
+        return create_repo(repo_id, token=token, exist_ok=True).repo_id
+    except Exception as error:  # network, auth, name or server errors: all stop the run before it starts
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"--push_to_hub: cannot create or reach the Hub repo {repo_id!r} ({type(error).__name__}: {reason}). "
+            "Check the network, `hf auth login` (or --hub_token) with write access and --hub_model_id; "
+            "or drop --push_to_hub and upload later with `hf upload`. Nothing was trained."
+        ) from None
 
 
 def push_folder(output_dir: str, repo_id: str, token: str | None = None, ignore_patterns=("checkpoint-*",)) -> bool:

@@ -1,11 +1,11 @@
-"""DI* training in the package (ARCHITECTURE.md): settings, prompt data, the three networks, one step of each kind.
+"""DI* training in the package (docs/training.md): settings, prompt data, the three networks, one step of each kind.
 
 The accelerate loop, argparse and logging live in ``examples/train_di_star_sdxl.py``.
 """
 
 from .config import CFG_MODES, DEFAULT_LORA_TARGET_MODULES, DIVERGENCES, DIStarConfig
 from .data import load_prompts, prompt_batch
-from .models import ROLES, DIStarNetworks, setup_networks
+from .models import ROLES, DIStarNetworks, RoleModule, setup_networks
 from .steps import Conditioning, assistant_loss, encode_prompts, generator_loss
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "DIVERGENCES",
     "ROLES",
+    "RoleModule",
     "Conditioning",
     "DIStarConfig",
     "DIStarNetworks",

@@ -1,7 +1,8 @@
-"""The DI* training settings (DI_STAR_MATH.md §5, "settings the trainer must expose"), validated on construction."""
+"""The DI* training settings (docs/math.md, docs/training.md), validated on construction."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
@@ -61,6 +62,9 @@ class DIStarConfig:
     assistant_lora_target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGET_MODULES)
 
     def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value}.")
         self.generator_lora_target_modules = tuple(self.generator_lora_target_modules)
         self.assistant_lora_target_modules = tuple(self.assistant_lora_target_modules)
         _choice("divergence", self.divergence, DIVERGENCES)

@@ -20,36 +20,47 @@ def load_prompts(
     split: str = "train",
     cache_dir: str | None = None,
 ) -> list[str]:
-    """The training prompts from a Hub dataset (``dataset_name``) or a local txt/csv/json(l)/parquet file.
+    """The training prompts from a Hub dataset (``dataset_name``), a local txt/csv/json(l)/parquet file, or a
+    ``datasets`` ``save_to_disk`` folder (passed as either).
 
     ``prompt_column`` defaults to ``"text"`` for ``.txt`` files and ``"prompt"`` otherwise. Raises ``ValueError``
-    with the fix when there is no source or two, the file is missing or of unknown type, the column is missing,
-    a row is not a non-empty string, or there are no prompts: all before any model is loaded.
+    with the fix when there is no source or two, the file is missing, unreadable, binary or of unknown type, a Hub
+    dataset is unreachable, the column is missing, a row is not a non-empty string, or there are no prompts: all
+    before any model is loaded.
     """
     import datasets
 
     if (dataset_name is None) == (train_data_file is None):
         raise ValueError("Pass exactly one prompt source: --dataset_name (a Hub dataset) or --train_data_file.")
-    if train_data_file is not None:
-        train_data_file = os.fspath(train_data_file)
-        suffix = os.path.splitext(train_data_file)[1].lower()
-        if suffix not in DATA_FILE_BUILDERS:
-            raise ValueError(
-                f"--train_data_file {train_data_file!r}: unknown type {suffix!r}; "
-                f"use one of {sorted(DATA_FILE_BUILDERS)}."
-            )
-        if not os.path.isfile(train_data_file):
-            raise ValueError(f"--train_data_file {train_data_file!r} does not exist.")
-        if os.path.getsize(train_data_file) == 0:
-            raise ValueError(f"--train_data_file {train_data_file!r} is empty: it must hold at least one prompt.")
-        builder, data_files = DATA_FILE_BUILDERS[suffix], {split: train_data_file}
-        prompt_column = prompt_column or ("text" if builder == "text" else "prompt")
-        dataset = datasets.load_dataset(builder, data_files=data_files, split=split, cache_dir=cache_dir)
-        source = train_data_file
-    else:
+    flag = "--train_data_file" if train_data_file is not None else "--dataset_name"
+    location = os.fspath(train_data_file if train_data_file is not None else dataset_name)
+    if _is_saved_dataset(location):  # a `Dataset.save_to_disk` folder, accepted by either flag
+        dataset = datasets.load_from_disk(location)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{flag} {location!r} has no split {split!r}; its splits are {list(dataset)}.")
+            dataset = dataset[split]
         prompt_column = prompt_column or "prompt"
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-        source = dataset_name
+    elif train_data_file is not None:
+        dataset, prompt_column = _load_file(location, prompt_column, split, cache_dir)
+    else:
+        from ..training.preflight import is_hub_id
+
+        if not is_hub_id(location):
+            raise ValueError(
+                f"--dataset_name {location!r}: no such folder (a local path, not a Hub id); pass a "
+                "`save_to_disk` folder here or a prompt file with --train_data_file."
+            )
+        prompt_column = prompt_column or "prompt"
+        try:
+            dataset = datasets.load_dataset(location, dataset_config_name, split=split, cache_dir=cache_dir)
+        except (ConnectionError, FileNotFoundError) as error:  # offline, or no such Hub dataset
+            raise ValueError(
+                f"--dataset_name {location!r}: not in the local datasets cache and the Hub is unreachable (or "
+                f"HF_HUB_OFFLINE is set), or no such Hub dataset. Download it on a connected machine with "
+                f"`hf download {location} --repo-type dataset`, or pass a local file with --train_data_file."
+            ) from error
+    source = location
     if prompt_column not in dataset.column_names:
         raise ValueError(
             f"{source!r} has no column {prompt_column!r}; its columns are {dataset.column_names}. "
@@ -64,6 +75,57 @@ def load_prompts(
     if not prompts:
         raise ValueError(f"{source!r} has no prompts in column {prompt_column!r}.")
     return list(prompts)
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")
+    )
+
+
+def _load_file(path: str, prompt_column: str | None, split: str, cache_dir: str | None):
+    """A local prompt file with its ``datasets`` builder; a missing, unreadable, binary or malformed file is named."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise ValueError(
+            f"--train_data_file {path!r} is a folder: pass a prompt file or a `save_to_disk` folder (with state.json)."
+        )
+    if suffix not in DATA_FILE_BUILDERS:
+        raise ValueError(
+            f"--train_data_file {path!r}: unknown type {suffix!r}; use one of {sorted(DATA_FILE_BUILDERS)}."
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"--train_data_file {path!r} does not exist.")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"--train_data_file {path!r} is not readable (check its permissions).")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--train_data_file {path!r} is empty: it must hold at least one prompt.")
+    builder = DATA_FILE_BUILDERS[suffix]
+    if builder != "parquet":
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        nul = head.find(b"\x00")
+        reason = f"a NUL byte at byte {nul}" if nul >= 0 else None
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.reason != "unexpected end of data":  # a multi-byte character cut by the 1 MiB read is fine
+                reason = reason or f"{error.reason} at byte {error.start}"
+        if reason:
+            raise ValueError(
+                f"--train_data_file {path!r} is not UTF-8 text ({reason}): a {suffix} file must be text; "
+                "is it binary or in another encoding?"
+            )
+    try:
+        dataset = datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ValueError(f"--train_data_file {path!r} cannot be read as {suffix}: {reason}") from error
+    return dataset, prompt_column or ("text" if builder == "text" else "prompt")
 
 
 def prompt_batch(prompts: list[str], index: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):

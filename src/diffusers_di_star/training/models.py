@@ -1,4 +1,4 @@
-"""The three DI* networks (DI_STAR_MATH.md §2) and how they share weights (ARCHITECTURE.md, "three networks").
+"""The three DI* networks (docs/math.md §2) and how they share weights (docs/training.md, "LoRA").
 
 * LoRA: generator g_θ and assistant s_ψ are two peft adapters on ONE SDXL UNet and the reference s_ref is that UNet
   with its adapters disabled. When the generator starts from a different full UNet (DMD2), it is a second UNet with
@@ -9,11 +9,18 @@ Frozen weights are kept in the weight dtype, trainable ones in float32. :meth:`D
 adapters for a role; a loss must be backpropagated before another role is used on the same UNet, because peft
 toggles ``requires_grad`` on switching (gradients of a graph built under another adapter are silently dropped) and
 gradient checkpointing recomputes the forward under the *current* adapter.
+
+Every engine (DDP, FSDP1, FSDP2) wraps :class:`RoleModule` units (DMD2's layout): one per trained role, each holding
+the UNets its roles run on and taking the role as its forward's first argument, so that a sharding engine sees every
+call of its parameters (no-grad and input-gradient calls included) inside its own wrapped ``forward``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +32,7 @@ from peft.utils import get_peft_model_state_dict
 
 from .config import DIStarConfig
 
-__all__ = ["ROLES", "DIStarNetworks", "setup_networks"]
+__all__ = ["ROLES", "DIStarNetworks", "RoleModule", "setup_networks"]
 
 #: g_θ, s_ψ and s_ref.
 ROLES = ("generator", "assistant", "reference")
@@ -33,10 +40,12 @@ ROLES = ("generator", "assistant", "reference")
 
 @dataclass
 class DIStarNetworks:
-    """g_θ, s_ψ and s_ref; with LoRA some are the same module with a different adapter (``None`` = adapters off).
+    """g_θ, s_ψ, s_ref; with LoRA some are the same module with a different adapter (``None`` = adapters off).
 
-    ``wrapped`` maps a trained role to the module to call when that role is *trained* (the ``accelerator.prepare``-d,
-    e.g. DDP-wrapped, UNet); frozen evaluations always call the bare module, so no gradient-sync hook waits on them.
+    ``prepared`` maps a role to the ``accelerator.prepare``-d :class:`RoleModule` that runs it (see
+    :meth:`prepare_units`). A role's *training* forward always goes through it. Frozen evaluations go through it too
+    when ``route_frozen_calls`` is set (sharding engines: the bare module holds only this rank's shard); otherwise
+    (DDP, one process) they call the bare module, so no gradient-sync hook waits on them.
     """
 
     generator_unet: UNet2DConditionModel
@@ -44,11 +53,17 @@ class DIStarNetworks:
     reference_unet: UNet2DConditionModel
     generator_adapter: str | None = None
     assistant_adapter: str | None = None
-    wrapped: dict[str, torch.nn.Module] = field(default_factory=dict)
+    prepared: dict[str, torch.nn.Module] = field(default_factory=dict)
+    route_frozen_calls: bool = False
 
     @property
     def use_lora(self) -> bool:
         return self.generator_adapter is not None
+
+    @property
+    def shares_one_unet(self) -> bool:
+        """LoRA's three-in-one layout: g_θ, s_ψ and s_ref are adapters (or none) on a single UNet."""
+        return self.generator_unet is self.assistant_unet
 
     def bare_unet(self, role: str) -> UNet2DConditionModel:
         """The unwrapped UNet that plays ``role`` (adapters not switched)."""
@@ -59,12 +74,8 @@ class DIStarNetworks:
     def adapter(self, role: str) -> str | None:
         return {"generator": self.generator_adapter, "assistant": self.assistant_adapter}.get(role)
 
-    def unet(self, role: str, train: bool = False) -> torch.nn.Module:
-        """Activate ``role``'s adapter (or disable adapters for the reference) and return the module to call.
-
-        With ``train=True`` the prepared module from :attr:`wrapped` is returned, for the forward whose backward
-        updates the role's parameters.
-        """
+    def activate(self, role: str) -> UNet2DConditionModel:
+        """Activate ``role``'s adapter (or disable adapters for the reference) and return its bare UNet."""
         unet = self.bare_unet(role)
         if getattr(unet, "peft_config", None):
             adapter = self.adapter(role)
@@ -73,7 +84,28 @@ class DIStarNetworks:
             else:
                 unet.enable_adapters()
                 unet.set_adapter(adapter)
-        return self.wrapped.get(role, unet) if train else unet
+        return unet
+
+    def unet(self, role: str, train: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """Activate ``role`` and return what to call with the UNet's arguments.
+
+        With ``train=True`` (the forward whose backward updates the role's parameters), or for every call when
+        ``route_frozen_calls`` is set, that is the role's prepared module with the role bound as first argument.
+        """
+        unet = self.activate(role)
+        if role in self.prepared and (train or self.route_frozen_calls):
+            return functools.partial(self.prepared[role], role)
+        return unet
+
+    def prepare_units(self) -> list[RoleModule]:
+        """The modules to hand to ``accelerator.prepare``, one per optimiser, in the order (generator, assistant).
+
+        Three-in-one LoRA is one unit for all roles (its two adapters live in one module, so only a replicating
+        engine such as DDP can wrap it); otherwise g_θ is one unit and s_ψ with s_ref (DMD2's "guidance") another.
+        """
+        if self.shares_one_unet:
+            return [RoleModule(self, ROLES)]
+        return [RoleModule(self, ("generator",)), RoleModule(self, ("assistant", "reference"))]
 
     def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
         """θ (``"generator"``) or ψ (``"assistant"``): the LoRA weights of the role's adapter, or the whole UNet."""
@@ -89,6 +121,26 @@ class DIStarNetworks:
         unet, adapter = self.bare_unet(role), self.adapter(role)
         state_dict = get_peft_model_state_dict(unet, adapter_name=adapter)
         return convert_state_dict_to_diffusers(state_dict), unet.peft_config[adapter].to_dict()
+
+
+class RoleModule(torch.nn.Module):
+    """Some of g_θ, s_ψ, s_ref behind one ``forward(role, *unet_args, **unet_kwargs)``: the unit an engine wraps.
+
+    Its state dict keys are ``<role>.<UNet key>`` (a UNet shared by two roles appears under both).
+    """
+
+    def __init__(self, networks: DIStarNetworks, roles: tuple[str, ...]):
+        super().__init__()
+        self.roles = tuple(roles)
+        for role in self.roles:
+            self.add_module(role, networks.bare_unet(role))
+        self._activate = networks.activate  # a bound method, not a submodule
+
+    def forward(self, role: str, *args, **kwargs):
+        if role not in self.roles:
+            raise ValueError(f"this unit runs {self.roles}, not {role!r}")
+        self._activate(role)
+        return getattr(self, role)(*args, **kwargs)
 
 
 def setup_networks(
@@ -109,7 +161,9 @@ def setup_networks(
     if config.use_lora:
         generator_base = reference_unet if generator_unet is None else generator_unet
         generator_base.add_adapter(_lora_config(config, "generator"), adapter_name="generator")
-        reference_unet.add_adapter(_lora_config(config, "assistant"), adapter_name="assistant")
+        with warnings.catch_warnings():  # two adapters on one UNet is the design: peft's "multiple adapters" warning
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            reference_unet.add_adapter(_lora_config(config, "assistant"), adapter_name="assistant")
         networks = DIStarNetworks(
             generator_base,
             reference_unet,
@@ -120,10 +174,14 @@ def setup_networks(
     else:
         generator = copy.deepcopy(reference_unet if generator_unet is None else generator_unet)
         networks = DIStarNetworks(generator, copy.deepcopy(reference_unet), reference_unet)
+    if gradient_checkpointing:
+        # The frozen reference too: the score term backpropagates through its input (§4), so without checkpointing
+        # its activations are kept whole. One UNet playing several roles is enabled once.
+        unets = (networks.bare_unet(role) for role in ("generator", "assistant", "reference"))
+        for unet in {id(unet): unet for unet in unets}.values():
+            unet.enable_gradient_checkpointing()
     for role in ("generator", "assistant"):
         unet = networks.bare_unet(role)
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
         unet.train()
         if not config.use_lora:
             unet.to(dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""One assistant update and one generator update of DI* (paper Algorithm 1; DI_STAR_MATH.md §5).
+"""One assistant update and one generator update of DI* (paper Algorithm 1; docs/math.md §9).
 
 Each function draws its own noise and timesteps, calls the networks in their roles, and returns the scalar loss to
 backpropagate (mean over the batch) plus detached per-term values for logging. The caller (the example's accelerate
@@ -35,7 +35,7 @@ LATENT_CHANNELS, VAE_SCALE_FACTOR = 4, 8
 
 @dataclass
 class Conditioning:
-    """c of DI_STAR_MATH.md §1: SDXL prompt embeddings, pooled embeddings and micro-conditioning ``add_time_ids``."""
+    """c of docs/math.md §1: SDXL prompt embeddings, pooled embeddings and micro-conditioning ``add_time_ids``."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
@@ -85,7 +85,7 @@ def encode_prompts(
 
 
 def _eps_predictor(networks: DIStarNetworks, role: str, timesteps: torch.Tensor, cond: Conditioning) -> EpsPredictor:
-    # ε̂(x_t, t, c) of a frozen role, evaluated on the bare UNet (see DIStarNetworks.wrapped).
+    # ε̂(x_t, t, c) of a frozen role (the bare UNet, or the prepared unit under sharding: DIStarNetworks.unet).
     def eps(x_t: torch.Tensor) -> torch.Tensor:
         unet = networks.unet(role)
         added = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}
@@ -208,7 +208,7 @@ def generator_loss(
         terms["cfg_reward_loss"] = implicit_cfg_reward_loss(
             x_t, sigma_t, eps_cond, eps_uncond, config.cfg_reward_scale, weight
         )
-    networks.unet("generator")  # the backward pass of this loss updates θ: leave g_θ's adapter active
+    networks.activate("generator")  # the backward pass of this loss updates θ: leave g_θ's adapter active
     loss = sum(term.mean() for term in terms.values())
     logs.update({name: term.detach().mean() for name, term in terms.items()})
     logs["generator_loss"] = loss.detach()
@@ -241,9 +241,9 @@ def _score_divergence_through_inputs(
         x_in, eps, sigma_t, lambda _: assistant_out, lambda _: reference_out, weight, config.divergence, config.huber_c
     )
     grad_assistant, grad_reference = torch.autograd.grad(loss.sum(), [assistant_out, reference_out])
-    networks.unet("reference")
+    networks.activate("reference")
     grad_x = torch.autograd.grad(eps_hat_reference, x_in, grad_reference)[0]
-    networks.unet("assistant")
+    networks.activate("assistant")
     grad_x = grad_x + torch.autograd.grad(eps_hat_assistant, x_in, grad_assistant)[0]
     surrogate = (grad_x.detach().to(x_t.dtype) * x_t).flatten(1).sum(1)
     return loss.detach() + surrogate - surrogate.detach()

@@ -1,0 +1,366 @@
+"""Training checkpoints (``<output_dir>/checkpoint-<step>``): complete or absent, resumable only as they were trained.
+
+* A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed when complete (``os.replace``, atomic on one
+  filesystem): a ``checkpoint-<step>`` folder is always complete. Older checkpoints beyond the total limit are removed
+  only after the rename, so a save killed at any point leaves the previous checkpoint intact. A ``.tmp`` folder left
+  by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped.
+* Each checkpoint holds :data:`MANIFEST_NAME`: its step, the settings a resume must match (a mismatch is one
+  :class:`CheckpointError` naming the flag, the saved and the given value) and every file with its size.
+* Resuming never unpickles code: the generator EMA is stored as safetensors (:data:`EMA_NAME`, its scalars as JSON
+  metadata), accelerate reads its own files (optimizer, scheduler, RNG states) with ``torch.load(weights_only=True)``
+  (accelerate >= 1.0 ``utils.other.load``), and a file the manifest does not list (e.g. accelerate's
+  ``custom_checkpoint_0.pkl``, which it would load with ``weights_only=False``) makes the checkpoint refused.
+
+What goes into a checkpoint is the caller's: :func:`save_checkpoint` takes a ``write_state(folder)`` callable (e.g.
+``accelerator.save_state``) and :func:`load_checkpoint` a ``load_state(folder)`` one. Decisions that touch the folder
+are taken by the main process and broadcast (:func:`on_main_process`), so all ranks agree on ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Callable, Mapping
+
+__all__ = [
+    "EMA_NAME",
+    "MANIFEST_NAME",
+    "RUN_FILES",
+    "CheckpointError",
+    "check_run_folder",
+    "checkpoint_dirs",
+    "incomplete_dirs",
+    "load_checkpoint",
+    "on_main_process",
+    "remove_checkpoints",
+    "resolve_resume",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "di_star_checkpoint.json"
+EMA_NAME = "ema.safetensors"
+#: Files a finished run leaves in ``--output_dir`` besides its checkpoints (LoRA or full pipeline, settings).
+RUN_FILES = ("training_args.json", "pytorch_lora_weights.safetensors", "model_index.json")
+
+_COMPLETE = re.compile(r"^checkpoint-(\d+)$")
+_INCOMPLETE = re.compile(r"^checkpoint-(\d+)\.tmp$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be used as asked; the message names it and the fix."""
+
+
+def _by_step(output_dir: str, pattern: re.Pattern) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := pattern.match(name))]
+    return [name for _, name in sorted(found)]
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """The complete ``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
+    return _by_step(output_dir, _COMPLETE)
+
+
+def incomplete_dirs(output_dir: str) -> list[str]:
+    """The half-written ``checkpoint-<step>.tmp`` folders (a save that was interrupted), oldest first."""
+    return _by_step(output_dir, _INCOMPLETE)
+
+
+def on_main_process(accelerator, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the main process; every process returns its result or raises its exception."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = fn(*args, **kwargs)
+        except Exception as error:  # re-raised below on every process, so no rank waits forever
+            outcome[1] = error
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that is a file, unwritable, or holds another run, unless resuming or overwriting."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CheckpointError(f"--output_dir {output_dir!r} is a file: pass a folder (it is created if missing).")
+    existing = os.path.abspath(output_dir)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--output_dir {output_dir!r}: {existing!r} is not writable; choose another folder.")
+    if resuming or overwrite or not os.path.isdir(output_dir):
+        return
+    found = [*checkpoint_dirs(output_dir), *incomplete_dirs(output_dir)]
+    found += [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise CheckpointError(
+            f"--output_dir {output_dir!r} already holds a run ({shown}): pass --resume_from_checkpoint latest to "
+            "continue it, --overwrite_output_dir to replace it, or another --output_dir."
+        )
+
+
+def remove_checkpoints(output_dir: str) -> None:
+    """Delete every checkpoint folder, complete or not, of a previous run (``--overwrite_output_dir``)."""
+    for name in (*checkpoint_dirs(output_dir), *incomplete_dirs(output_dir)):
+        logger.info(f"removing {name} of the previous run in {output_dir} (--overwrite_output_dir)")
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, so saved and given settings compare equal
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    sizes.pop(MANIFEST_NAME, None)
+    return dict(sorted(sizes.items()))
+
+
+def save_ema(ema, folder: str) -> None:
+    """The EMA shadow parameters as safetensors and its scalars (decay, optimization step, …) as JSON metadata."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    tensors = {f"shadow_params.{i}": p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}
+    save_file(tensors, os.path.join(folder, EMA_NAME), metadata={"state": json.dumps(state)})
+
+
+def load_ema(ema, folder: str) -> None:
+    """Inverse of :func:`save_ema`; the shadow parameters keep their device and dtype, count and shapes must match."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, EMA_NAME)
+    with safe_open(path, framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        shadow = [f.get_tensor(f"shadow_params.{i}") for i in range(len(list(f.keys())))]
+    if [p.shape for p in shadow] != [p.shape for p in ema.shadow_params]:
+        raise CheckpointError(f"{path}: the EMA does not match the generator's parameters (other settings?).")
+    ema.load_state_dict(
+        {**state, "shadow_params": [s.to(p.device, p.dtype) for s, p in zip(shadow, ema.shadow_params, strict=True)]}
+    )
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    write_state: Callable[[str], None],
+    settings: Mapping[str, object],
+    total_limit: int | None = None,
+    ema=None,
+) -> str:
+    """Write ``checkpoint-<step>``: ``write_state(tmp)`` on every process, the EMA and the manifest, then the rename.
+
+    Only then are the oldest complete checkpoints beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps
+    removed. Returns the checkpoint path.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    write_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_ema(ema, tmp)
+        manifest = {"step": step, "settings": _json_value(dict(settings)), "files": _file_sizes(tmp)}
+        with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # the same step saved again: set the old one aside until the new one is in place
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        logger.info(f"saved {final}")
+        complete = checkpoint_dirs(output_dir)
+        if total_limit is not None:
+            for name in complete[: max(len(complete) - total_limit, 0)]:
+                logger.info(f"removing {name} (checkpoints_total_limit={total_limit})")
+                shutil.rmtree(os.path.join(output_dir, name))
+        for name in incomplete_dirs(output_dir):
+            if int(name.split("-")[1].split(".")[0]) < step:
+                logger.info(f"removing {name}: an interrupted save, superseded by checkpoint-{step}")
+                shutil.rmtree(os.path.join(output_dir, name))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _read_manifest(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{checkpoint!r} has no {MANIFEST_NAME}: it was not written by this trainer (or by an older version), "
+            "so its settings cannot be checked; start a new run"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        missing = {"step", "settings", "files"} - set(manifest)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is damaged ({error})") from None
+    if missing:
+        raise CheckpointError(f"{path} is damaged (no {', '.join(sorted(missing))})")
+    return manifest
+
+
+def _verify_files(checkpoint: str, manifest: dict) -> None:
+    """Every listed file is there with its size, and no file is unlisted (nothing foreign gets loaded)."""
+    actual = _file_sizes(checkpoint)
+    for name, size in manifest["files"].items():
+        if name not in actual:
+            raise CheckpointError(f"{os.path.join(checkpoint, name)} is missing")
+        if actual[name] != size:
+            raise CheckpointError(f"{os.path.join(checkpoint, name)} is damaged ({actual[name]} bytes, saved {size})")
+    if foreign := sorted(set(actual) - set(manifest["files"])):
+        raise CheckpointError(
+            f"{os.path.join(checkpoint, foreign[0])} was not written by this trainer: refusing to load the checkpoint "
+            "(a file added to a shared checkpoint could run code); remove it"
+        )
+
+
+def _intact_manifest(checkpoint: str) -> dict:
+    """The manifest of ``checkpoint`` after checking its files; a problem is named with the previous intact one."""
+    try:
+        manifest = _read_manifest(checkpoint)
+        _verify_files(checkpoint, manifest)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {_previous_hint(checkpoint)}") from None
+    return manifest
+
+
+def _previous_hint(checkpoint: str) -> str:
+    """Where to resume from instead of the damaged ``checkpoint``: the newest earlier one whose files all check out."""
+    output_dir, name = os.path.split(os.path.normpath(checkpoint))
+    step = (m := _COMPLETE.match(name) or _INCOMPLETE.match(name)) and int(m.group(1))
+    for candidate in reversed(checkpoint_dirs(output_dir)):
+        if step is not None and int(candidate.split("-")[1]) >= step:
+            continue
+        path = os.path.join(output_dir, candidate)
+        try:
+            _verify_files(path, _read_manifest(path))
+        except CheckpointError:
+            continue
+        return f"the previous intact checkpoint is {candidate} (--resume_from_checkpoint {path})"
+    return "there is no earlier intact checkpoint: start a new run"
+
+
+def check_settings(checkpoint: str, settings: Mapping[str, object]) -> dict:
+    """The checkpoint's manifest, after checking ``settings`` (flag name -> value) against the saved ones."""
+    manifest = _intact_manifest(checkpoint)
+    saved = manifest["settings"]
+    for flag, value in _json_value(dict(settings)).items():
+        if flag in saved and saved[flag] != value:
+            raise CheckpointError(
+                f"--{flag}: {os.path.basename(os.path.normpath(checkpoint))} was trained with {saved[flag]!r}, "
+                f"this run gives {value!r}; resume with the same value (or start a new run in another --output_dir)."
+            )
+    return manifest
+
+
+def resolve_resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, settings) -> str | None:
+    """The checkpoint to resume from (``"latest"``: the newest complete one), its settings checked; all ranks agree.
+
+    Half-written ``.tmp`` folders are named in a warning. ``latest`` with no checkpoint at all starts a new run;
+    with only a half-written one it is an error.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    return on_main_process(accelerator, _resolve, output_dir, resume_from_checkpoint, settings)
+
+
+def _resolve(output_dir: str, resume_from_checkpoint: str, settings) -> str | None:
+    if resume_from_checkpoint == "latest":
+        complete, incomplete = checkpoint_dirs(output_dir), incomplete_dirs(output_dir)
+        if not complete and incomplete:
+            raise CheckpointError(
+                f"{output_dir!r} holds only the half-written {', '.join(incomplete)} (a save was interrupted): "
+                "nothing to resume; pass --overwrite_output_dir to start over."
+            )
+        if not complete:
+            logger.info(f"no checkpoint in {output_dir}: starting a new run")
+            return None
+        checkpoint = os.path.join(output_dir, complete[-1])
+        for name in incomplete:
+            logger.warning(
+                f"{os.path.join(output_dir, name)} is half-written (a save was interrupted) and is ignored; "
+                f"resuming from {complete[-1]}"
+            )
+    else:
+        checkpoint = resume_from_checkpoint
+        if _INCOMPLETE.match(os.path.basename(os.path.normpath(checkpoint))):
+            raise CheckpointError(
+                f"--resume_from_checkpoint {checkpoint!r} is half-written (a save was interrupted); "
+                f"{_previous_hint(checkpoint)}."
+            )
+        if not os.path.isdir(checkpoint):
+            raise CheckpointError(f"--resume_from_checkpoint {checkpoint!r} is not a folder (or pass 'latest').")
+    check_settings(checkpoint, settings)
+    return checkpoint
+
+
+def _probe(checkpoint: str) -> str | None:
+    """The first file of ``checkpoint`` that safetensors or accelerate's weights-only ``load`` cannot read, and why."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for name in _file_sizes(checkpoint):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+            elif name.endswith((".bin", ".pkl", ".pt", ".pth")):
+                load(path, map_location="cpu", weights_only=True)  # accelerate's RNG-state numpy types allowed
+            elif name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+        except pickle.UnpicklingError as error:  # torch's weights-only unpickler met a global it does not allow
+            detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+            return f"{path} holds Python objects, not just weights ({detail or 'refused'}): it could run code"
+        except Exception as error:  # what a reader raises for a damaged file varies
+            return f"{path} cannot be read ({type(error).__name__}: {_first_line(error)})"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
+    """``load_state(checkpoint)`` and the EMA after checking the files; returns the checkpoint's step.
+
+    A missing, truncated, unlisted or unreadable (e.g. code-carrying pickle) file raises :class:`CheckpointError`
+    naming the file and the previous intact checkpoint.
+    """
+    manifest = on_main_process(accelerator, _intact_manifest, checkpoint)
+    try:
+        load_state(checkpoint)
+        if ema is not None:
+            load_ema(ema, checkpoint)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({type(error).__name__}: {_first_line(error)})"
+        raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
+    return int(manifest["step"])
