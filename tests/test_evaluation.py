@@ -265,9 +265,9 @@ def test_offline_errors_are_one_line_saying_what_to_download(tmp_path, tiny_sdxl
     )
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HPS_ROOT": str(tmp_path / "hps")}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    # transformers' import-time notes about torchvision (absent from this environment) are not ours.
-    lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("[transformers]")]
-    assert len(lines) == 4 and all(line.startswith("di-star eval: error: ") for line in lines), done.stderr
+    # Our error lines only: an optional package (bitsandbytes, torchvision notes, ...) may print its own lines.
+    lines = [line for line in done.stderr.splitlines() if line.startswith("di-star eval: error: ")]
+    assert len(lines) == 4 and "Traceback" not in done.stderr, done.stderr
     parti, coco, hpsv2, clip = lines
     assert "Hub dataset 'nateraw/parti-prompts'" in parti and "datasets.load_dataset('nateraw/parti-prompts'" in parti
     assert "Hub dataset 'phiyodr/coco2017'" in coco and "HF_HUB_OFFLINE" in coco

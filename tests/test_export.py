@@ -199,12 +199,54 @@ def test_half_precision_checkpoint_casts_only_floating_weights(tiny_sdxl_dir, ti
     assert_same_weights(tiny["unet"], components["unet"], torch_dtype)
 
 
-def test_unet_only_file_loads_with_from_single_file_and_load_generator_unet(tiny_sdxl_dir, tiny, tmp_path):
+def comfyui_old_unet_loader_accepts(sd):
+    """ComfyUI's ``load_unet_state_dict`` as in the comfyui 0.0.1 wheel (June 2024, the ``models/unet`` era): sgm
+    keys when ``input_blocks.0.0.weight`` is a key, else Diffusers keys (``model_config_from_diffusers_unet`` needs
+    ``conv_in.weight``); anything else is "ERROR: Could not detect model type"."""
+    return "input_blocks.0.0.weight" in sd or "conv_in.weight" in sd
+
+
+def comfyui_new_unet_keys(sd):
+    """The prefix handling of the newer ``load_diffusion_model_state_dict`` (``unet_prefix_from_state_dict``: the
+    most common of ``model.diffusion_model.`` / ``model.model.`` if it starts over 5 keys, else ``model.``; then
+    ``state_dict_prefix_replace(..., filter_keys=True)``, kept only if it leaves any key)."""
+    counts = {c: sum(k.startswith(c) for k in sd) for c in ("model.diffusion_model.", "model.model.")}
+    prefix = max(counts, key=counts.get) if max(counts.values()) > 5 else "model."
+    stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return stripped or sd
+
+
+def test_unet_only_default_layout_loads_in_old_and_new_comfyui(tiny_sdxl_dir, tiny, tmp_path):
     path = export_comfyui_unet(tiny_sdxl_dir, tmp_path / "unet.safetensors", dtype="fp32")
-    assert checkpoint_kind(load_file(path)) == "unet-original"
+    sd = load_file(path)
+    assert "input_blocks.0.0.weight" in sd and not any(k.startswith(UNET_PREFIX) for k in sd)
+    assert comfyui_old_unet_loader_accepts(sd) and comfyui_new_unet_keys(sd).keys() == sd.keys()
+    original = unet_to_original(tiny["unet"].state_dict(), tiny["unet"].config)
+    assert sd.keys() == {k.removeprefix(UNET_PREFIX) for k in original}
+    assert checkpoint_kind(sd) == "unet-original"
+    assert_same_weights(tiny["unet"], load_generator_unet(path, base_model=tiny_sdxl_dir))
+
+
+def test_unet_only_single_file_layout_loads_with_from_single_file(tiny_sdxl_dir, tiny, tmp_path):
+    path = export_comfyui_unet(tiny_sdxl_dir, tmp_path / "unet.safetensors", dtype="fp32", unet_keys="single-file")
+    sd = load_file(path)
+    assert all(k.startswith(UNET_PREFIX) for k in sd)
+    assert not comfyui_old_unet_loader_accepts(sd)  # why it is not the default
+    assert comfyui_new_unet_keys(sd).keys() == {k.removeprefix(UNET_PREFIX) for k in sd}
     theirs = UNet2DConditionModel.from_single_file(path, config=tiny_sdxl_dir, subfolder="unet", local_files_only=True)
     assert_same_weights(tiny["unet"], theirs)
     assert_same_weights(tiny["unet"], load_generator_unet(path, base_model=tiny_sdxl_dir))
+    with pytest.raises(ExportError, match=r"unknown UNet key layout 'ldm' \(--unet-keys\): use 'comfyui'"):
+        export_comfyui_unet("does/not/matter", tmp_path / "x.safetensors", unet_keys="ldm")
+
+
+def test_cli_unet_keys_flag(tiny_sdxl_dir, tmp_path, capsys):
+    run = ["export", "--model", tiny_sdxl_dir, "--dtype", "fp32", "--format"]
+    out = tmp_path / "unet.safetensors"
+    assert main([*run, "comfyui-unet", "--unet-keys", "single-file", "--out", str(out)]) == 0
+    assert all(k.startswith(UNET_PREFIX) for k in load_file(out))
+    assert main([*run, "comfyui-checkpoint", "--unet-keys", "comfyui", "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "--unet-keys does not apply to --format comfyui-checkpoint" in capsys.readouterr().err
 
 
 def test_load_generator_unet_reads_legacy_layouts(tiny_sdxl_dir, tiny, tmp_path):
@@ -486,4 +528,99 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "di-star export: error:" in result.stderr and "already exists" in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("di-star export: error: ")]
+    assert "already exists" in line
+
+
+# ------------------------------------------------------------------------------- train -> export -> load back
+TRAINER = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_di_star_sdxl.py")
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_sdxl_dir, tmp_path_factory) -> str:
+    """A real trainer run (issue 11, case 6): one LoRA step, saved as the trainer saves it (``lora.down`` keys)."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+
+    from diffusers_di_star.testing import TINY_PROMPTS
+
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    spec = importlib.util.spec_from_file_location("train_di_star_sdxl", TRAINER)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    args = ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--train_data_file", str(folder / "prompts.txt"),
+            "--output_dir", str(folder / "run"), "--resolution", "64", "--train_batch_size", "1",
+            "--max_train_steps", "1", "--learning_rate", "1e-2", "--reward_scale", "0", "--report_to", "none",
+            "--checkpointing_steps", "1000", "--use_lora", "--generator_lora_rank", "4",
+            "--generator_lora_alpha", "8", "--assistant_lora_rank", "4", "--assistant_lora_alpha", "4"]  # fmt: skip
+    try:
+        assert script.main(script.parse_args(args)) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return str(folder / "run")
+
+
+def test_trainer_lora_exports_to_kohya_and_loads_back_equal(tiny_sdxl_dir, trained_lora, tmp_path, capsys):
+    """train LoRA -> `di-star export --format kohya-lora` -> kohya_lora_to_peft and load_lora_weights == trained."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.export import kohya_lora_to_peft
+
+    trained = load_file(os.path.join(trained_lora, "pytorch_lora_weights.safetensors"))
+    assert checkpoint_kind(trained) == "diffusers-lora"  # `unet.<module>.lora.down.weight`, as the issue found it
+    kohya_path = str(tmp_path / "kohya.safetensors")
+    run = ["export", "--model", trained_lora, "--format", "kohya-lora", "--base-model", tiny_sdxl_dir]
+    assert main([*run, "--dtype", "fp32", "--out", kohya_path]) == 0
+    assert capsys.readouterr().out.split() == [kohya_path]
+    kohya = load_file(kohya_path)
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}  # the trained lora_alpha
+    peft, config = kohya_lora_to_peft(kohya, UNet2DConditionModel.load_config(tiny_sdxl_dir, subfolder="unet"))
+    expected = convert_unet_state_dict_to_peft(trained)
+    assert set(peft) == set(expected) and all(torch.equal(peft[k], expected[k]) for k in expected)
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (4, 8.0, {}, {})
+
+    def images(lora_dir=None, weight_name=None):
+        pipe = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)
+        if lora_dir is not None:
+            pipe.load_lora_weights(lora_dir, weight_name=weight_name)
+        return pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    with_trained = images(trained_lora)
+    assert abs(with_trained - images()).max() > 1e-4  # the adapter is not a no-op, so the equality below means it
+    torch.testing.assert_close(images(str(tmp_path), "kohya.safetensors"), with_trained, rtol=0, atol=1e-6)
+
+
+def test_comfyui_checkpoint_back_to_diffusers_runs_in_the_pipeline(tiny_sdxl_dir, tmp_path):
+    """Issue 11, case 7: fp16 ComfyUI checkpoint -> diffusers folder -> DIStarSDXLPipeline.from_pretrained(out)."""
+    from diffusers_di_star import DIStarSDXLPipeline
+
+    checkpoint = export_comfyui_checkpoint(tiny_sdxl_dir, tmp_path / "tiny.safetensors")  # fp16, the default
+    folder = export_diffusers(checkpoint, tmp_path / "back", base_model=tiny_sdxl_dir)
+    pipe = DIStarSDXLPipeline.from_pretrained(folder)  # no dtype: every component float32
+    assert {getattr(pipe, name).dtype for name in SDXL_COMPONENTS} == {torch.float32}
+    prompts, seed = ["a cat", "a dog"], torch.Generator().manual_seed(0)
+    images = pipe(prompts, generator=seed, output_type="np").images
+    original = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)
+    for name in SDXL_COMPONENTS:  # the same weights rounded through fp16, as the checkpoint stores them
+        getattr(original, name).to(torch.float16).to(torch.float32)
+    expected = original(prompts, generator=torch.Generator().manual_seed(0), output_type="np").images
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    half = DIStarSDXLPipeline.from_pretrained(folder, dtype=torch.float16)
+    assert {getattr(half, name).dtype for name in SDXL_COMPONENTS} == {torch.float16}
+
+
+@pytest.mark.parametrize("timestep", [5000, 1000, -1])
+def test_conditioning_timestep_is_checked_before_loading(timestep, tmp_path, capsys):
+    """Issue 11, case 8: t* must be in [0, 1000) for SDXL; the Python API and the CLI refuse it before any loading."""
+    missing = str(tmp_path / "not-loaded")  # never read: the check comes first
+    for export in (export_comfyui_checkpoint, export_comfyui_unet, export_kohya_lora):
+        with pytest.raises(ExportError, match=rf"must be in \[0, 1000\) .*got {timestep}\."):
+            export(missing, tmp_path / "x.safetensors", conditioning_timestep=timestep)
+    out = str(tmp_path / "x.safetensors")
+    code = main(["export", "--model", missing, "--format", "comfyui-unet", "--out", out,
+                 "--conditioning-timestep", str(timestep)])  # fmt: skip
+    assert code == 2 and f"got {timestep}" in capsys.readouterr().err and not os.path.exists(out)

@@ -12,6 +12,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_di_star import DIStarSDXLPipeline, DIStarSDXLPipelineOutput, decode_latents, generate_x0
+from diffusers_di_star.pipeline_di_star_sdxl import IGNORED_SDXL_ARGUMENTS
 
 PROMPTS = ["a cat wearing sunglasses", "a fox in a snowy forest"]
 
@@ -191,7 +192,10 @@ def test_callback_on_step_end(tiny_components):
         ({"conditioning_timestep": 399.5}, "must be an integer timestep"),
         ({"num_images_per_prompt": 0}, "positive integer"),
         ({"output_type": "jpeg"}, "`output_type` must be one of"),
-        ({"num_inference_steps": 4}, "exactly one step"),
+        ({"height": 0}, "`height` must be a positive multiple of the VAE factor 8, got 0"),
+        ({"width": -64}, "`width` must be a positive multiple of the VAE factor 8, got -64"),
+        ({"height": 64.0}, "`height` must be a positive multiple of the VAE factor 8, got 64.0"),
+        ({"height": 65536, "width": 65536}, "65536×65536 = 4,294,967,296 pixels is above the limit of 16,777,216"),
         ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "must be a subset of"),
     ],
 )
@@ -226,6 +230,37 @@ def test_guidance_and_negative_prompt_are_ignored_with_a_warning(tiny_components
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the LCM-recipe arguments are accepted silently
         pipe("a cat", guidance_scale=0.0, num_inference_steps=1, output_type="latent")
+
+
+def test_sdxl_arguments_one_step_makes_meaningless_warn_once_each(tiny_components):
+    """SDXL code runs unchanged: every multi-step / CFG argument is ignored with exactly one warning naming it."""
+    pipe = make_pipe(tiny_components)
+    expected = pipe("a cat", generator=gen(), output_type="np").images
+    embeds = torch.zeros(1, 77, 96)
+    sdxl_call = {
+        "num_inference_steps": 50, "timesteps": [999, 499], "sigmas": [14.6, 1.0], "denoising_end": 0.8, "eta": 0.5,
+        "guidance_scale": 5.0, "guidance_rescale": 0.7, "negative_prompt": "blurry", "negative_prompt_2": "dark",
+        "negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": torch.zeros(1, 64),
+        "negative_original_size": (512, 512), "negative_crops_coords_top_left": (8, 8),
+        "negative_target_size": (512, 512),
+    }  # fmt: skip
+    assert set(sdxl_call) == set(IGNORED_SDXL_ARGUMENTS)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        images = pipe("a cat", generator=gen(), output_type="np", **sdxl_call).images
+    np.testing.assert_array_equal(images, expected)
+    messages = [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+    for name in sdxl_call:
+        assert sum(m.startswith(f"`{name}=") for m in messages) == 1, (name, messages)
+    assert len(messages) == len(sdxl_call)
+    assert "`num_inference_steps=50` is ignored: DIStarSDXLPipeline generates in exactly one step" in messages[0]
+    assert any(m.startswith("`negative_prompt_embeds=a tensor` is ignored") for m in messages)
+    # SDXL's own defaults and the one-step recipe's values say "not used": no warning.
+    recipe = {"num_inference_steps": 1, "guidance_scale": 0.0, "eta": 0.0, "guidance_rescale": 0.0,
+              "negative_crops_coords_top_left": (0, 0)}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a cat", output_type="latent", **recipe)
 
 
 def test_lora_load_changes_output_and_unload_restores(tiny_components, tmp_path):
@@ -271,8 +306,36 @@ def test_vae_slicing_gives_the_same_images(tiny_components):
     pipe = make_pipe(tiny_components)
     expected = pipe(PROMPTS, generator=gen(), output_type="np").images
     pipe.vae.enable_slicing()
-    pipe.vae.enable_tiling()
     np.testing.assert_allclose(pipe(PROMPTS, generator=gen(), output_type="np").images, expected, atol=1e-5)
+
+
+def test_vae_tiling_is_unused_up_to_the_tile_size_and_changes_larger_images(tiny_components):
+    """docs/pipeline.md: tiles are the VAE's sample_size (1024² for SDXL), used once a side exceeds it; then each tile
+    is decoded with its own group-norm statistics and attention, so images differ by far more than rounding."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    from diffusers_di_star.configs import load_sdxl_config
+
+    with init_empty_weights():
+        sdxl_vae = AutoencoderKL.from_config(load_sdxl_config("vae"))
+    assert (sdxl_vae.tile_sample_min_size, sdxl_vae.tile_latent_min_size, sdxl_vae.tile_overlap_factor) == (
+        1024, 128, 0.25)  # fmt: skip
+    pipe = make_pipe(tiny_components)
+    assert pipe.vae.tile_sample_min_size == 64  # the tiny VAE's tile: 64² images (8×8 latents)
+    untiled = {size: pipe(PROMPTS, height=size, width=size, generator=gen(), output_type="np").images
+               for size in (64, 128)}  # fmt: skip
+    pipe.vae.enable_tiling()
+    tiles = []
+    pipe.vae.decoder.register_forward_hook(lambda module, args, output: tiles.append(tuple(args[0].shape[-2:])))
+    np.testing.assert_array_equal(pipe(PROMPTS, generator=gen(), output_type="np").images, untiled[64])
+    assert tiles == [(8, 8)]  # one call: at the tile size tiling never runs
+    tiles.clear()
+    tiled = pipe(PROMPTS, height=128, width=128, generator=gen(), output_type="np").images
+    assert len(tiles) == 9  # 16×16 latents: 3×3 tiles of 8×8 latents every 6, blended over 16 pixels
+    difference = np.abs(tiled - untiled[128])
+    # Measured on this tiny random-weight VAE (diffusers 0.42.1): max 0.339, mean 0.031 (pixels in [0, 1]).
+    assert 0.25 < difference.max() < 0.45 and difference.mean() < 0.05
 
 
 def test_xformers_errors_are_clear(tiny_components, monkeypatch):

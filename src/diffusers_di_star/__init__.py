@@ -6,6 +6,7 @@ The main entry points; the rest lives in its sub-module: ``losses`` (the DI* ter
 
 __version__ = "0.1.0.dev0"  # before the imports: sub-modules write it into file metadata
 
+from . import quiet  # noqa: F401  (first: installs its log filters before transformers' classes are imported)
 from .export import load_generator_unet
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, decode_latents, generate_x0
 from .pipeline_di_star_sdxl import DIStarSDXLPipeline, DIStarSDXLPipelineOutput

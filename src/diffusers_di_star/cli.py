@@ -2,11 +2,14 @@
 
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
 Errors a user can fix (:class:`CLIError`, ``runtime.ModelLoadError``) are printed as one line, no traceback, exit 2.
+Numbers and ``--out`` are checked (:func:`_check_args`) before any handler runs, hence before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sys
 
@@ -24,46 +27,85 @@ def _add_generate_parser(subparsers) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})"
     )
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat the flag for several")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
+    p.add_argument("--prompt-file", default=None, help="a UTF-8 text file with one prompt a line (after --prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default="outputs", help="output folder (created if missing)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default 4)")
+    p.add_argument(
+        "--out", default="outputs", help="output folder (created if missing); existing images are never replaced"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=_cmd_generate)
 
 
+def _read_prompt_file(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"cannot read --prompt-file {path!r} as UTF-8 text ({err}); pass one prompt a line.") from err
+    if not prompts:
+        raise CLIError(f"--prompt-file {path!r} holds no prompt; write one prompt a line.")
+    return prompts
+
+
+def _save_new_png(image, path: str) -> str:
+    """Save ``image`` at ``path``, or at ``stem-1.png``, ``stem-2.png``, ... if taken: nothing is overwritten.
+
+    The exclusive create (``"xb"``) makes this safe against another run writing into the same folder at once.
+    """
+    stem, ext = os.path.splitext(path)
+    for n in itertools.count():
+        candidate = path if n == 0 else f"{stem}-{n}{ext}"
+        try:
+            with open(candidate, "xb") as f:
+                try:
+                    image.save(f, format="PNG")
+                except BaseException:
+                    f.close()
+                    os.remove(candidate)  # no half-written image under a name the next run would skip
+                    raise
+            return candidate
+        except FileExistsError:
+            continue
+
+
 def _cmd_generate(args) -> None:
     import torch
+    from tqdm.auto import tqdm
 
+    prompts = args.prompt + (_read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not prompts:
+        raise CLIError("give at least one --prompt or a --prompt-file.")
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
-    if args.num_images < 1:
-        raise CLIError(f"--num-images must be >= 1, got {args.num_images}.")
     pipe = load_pipeline(args.model, dtype=dtype, device=device, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(args.out, exist_ok=True)
+    # One generator through all batches: the noise (hence each image) does not depend on --batch-size.
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    try:
-        images = pipe(
-            prompt=args.prompt,
-            height=args.height,
-            width=args.width,
-            num_images_per_prompt=args.num_images,
-            generator=generator,
-        ).images
-    except ValueError as err:  # check_inputs: the message names the value and the fix
-        raise CLIError(str(err)) from err
-    paths = []
-    for i, image in enumerate(images):
-        prompt_index, image_index = divmod(i, args.num_images)
-        path = os.path.join(args.out, f"{args.seed:06d}_{prompt_index:03d}_{image_index:02d}.png")
-        image.save(path)
-        paths.append(path)
-    print("\n".join(paths))
+    starts = range(0, len(prompts), args.batch_size)
+    for start in tqdm(starts, desc="di-star generate", unit="batch", disable=len(starts) == 1, file=sys.stderr):
+        try:
+            images = pipe(
+                prompt=prompts[start : start + args.batch_size],
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=args.num_images,
+                generator=generator,
+            ).images
+        except ValueError as err:  # check_inputs: the message names the value and the fix
+            raise CLIError(str(err)) from err
+        for i, image in enumerate(images):
+            prompt_index, image_index = divmod(i, args.num_images)
+            name = f"{args.seed:06d}_{start + prompt_index:03d}_{image_index:02d}.png"
+            print(_save_new_png(image, os.path.join(args.out, name)), flush=True)
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -79,7 +121,16 @@ def _cmd_demo(args) -> None:
 
 
 _EXPORT_FORMATS = ("comfyui-checkpoint", "comfyui-unet", "kohya-lora", "diffusers")
-_EXPORT_OPTIONS = ("dtype", "base_model", "variant", "subfolder", "weight_name", "lora_alpha", "conditioning_timestep")
+_EXPORT_OPTIONS = (
+    "dtype",
+    "base_model",
+    "variant",
+    "subfolder",
+    "weight_name",
+    "lora_alpha",
+    "conditioning_timestep",
+    "unet_keys",
+)
 
 
 def _add_export_parser(subparsers) -> None:
@@ -105,6 +156,13 @@ def _add_export_parser(subparsers) -> None:
     p.add_argument("--weight-name", default=None, help="file inside --model (e.g. dmd2_sdxl_1step_unet_fp16.bin)")
     p.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's lora_alpha, if its file lacks metadata")
     p.add_argument("--conditioning-timestep", type=int, default=None, help="t* written to the metadata (default 399)")
+    p.add_argument(
+        "--unet-keys",
+        choices=("comfyui", "single-file"),
+        default=None,
+        help="comfyui-unet key layout: comfyui (bare keys, every ComfyUI version; default) or single-file "
+        "(model.diffusion_model. prefix, for Diffusers' from_single_file)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_export)
 
@@ -280,10 +338,94 @@ def _cmd_bench(args) -> None:
         settings = BenchSettings.resolve(device=args.device, quick=args.quick, **options)
     except ValueError as err:
         raise CLIError(str(err)) from err
-    report, paths = run_benchmarks(list(SUITES) if args.suite == "all" else [args.suite], settings, args.out)
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    print(
+        f"di-star bench: {', '.join(suites)} on {settings.device} ({settings.size.name} modules, "
+        f"{settings.resolution}²{', --quick' if args.quick else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    report, paths = run_benchmarks(
+        suites, settings, args.out, on_suite=lambda name: print(f"di-star bench: running {name} ...", file=sys.stderr)
+    )
     print(report, end="")
     for path in paths:
         print(f"wrote {path}")
+
+
+#: Smallest (and largest) value of each numeric option, by its argparse ``dest``, for every sub-command that has it.
+#: Floats must also be finite. A ``--seed`` is a 32-bit unsigned integer; eval derives SEED*1000000+i from it.
+_NUMBER_RANGES = {
+    "seed": (0, 2**32 - 1),
+    "height": (1, None),
+    "width": (1, None),
+    "num_images": (1, None),
+    "batch_size": (1, None),
+    "num_prompts": (1, None),
+    "steps": (1, None),
+    "guidance_scale": (0.0, None),
+    "lora_alpha": (0.0, None),
+    "resolution": (8, None),
+    "warmup": (0, None),
+    "repeats": (1, None),
+    "sdxl_steps": (1, None),
+    "assistant_updates": (1, None),
+    "batch_sizes": (1, None),
+    "training_batch_sizes": (1, None),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_number(dest: str, value) -> None:
+    low, high = _NUMBER_RANGES[dest]
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise CLIError(f"{_flag(dest)} must be a finite number, got {item}.")
+        if dest == "lora_alpha" and item <= 0:
+            raise CLIError(f"{_flag(dest)} must be > 0 (the LoRA scale is lora_alpha / r), got {item}.")
+        if item < low or (high is not None and item > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise CLIError(f"{_flag(dest)} must be {bound}, got {item}.")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_out(path: str, is_folder: bool) -> None:
+    """``--out`` must be creatable: a folder (or a file's parent folder) under a writable existing folder."""
+    if is_folder and os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"--out {path!r} is a file; pass a folder (it is created if missing).")
+    folder = path if is_folder else os.path.dirname(os.path.abspath(path))
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise CLIError(f"--out {path!r} cannot be created: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path!r} cannot be created: the folder {existing!r} is not writable.")
+
+
+def _check_args(args) -> None:
+    """Range and finiteness of every number, the pixel limit of an explicit size, and ``--out``, before any loading."""
+    for dest in _NUMBER_RANGES:
+        if getattr(args, dest, None) is not None:
+            _check_number(dest, getattr(args, dest))
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    if height is not None and width is not None:
+        from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
+
+        if height * width > MAX_IMAGE_PIXELS:
+            raise CLIError(
+                f"--height {height} --width {width} is {height * width:,} pixels, above the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (4096×4096) per image; pass a smaller size (docs/pipeline.md)."
+            )
+    if getattr(args, "out", None) is not None:
+        _check_out(args.out, is_folder=args.command != "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         args.func(args)
     except (CLIError, ModelLoadError) as err:
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)

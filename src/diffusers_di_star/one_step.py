@@ -1,4 +1,4 @@
-"""The one-step map and the VP-schedule algebra every part of DI* shares (DI_STAR_MATH.md §1–2, ``docs/math.md``).
+"""The one-step map and the VP-schedule algebra every part of DI* shares (``docs/math.md`` §1–2).
 
 Notation (SDXL, ε-prediction, discrete VP schedule with ``alphas_cumprod`` = ᾱ_t):
 
@@ -13,10 +13,12 @@ one-step map.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
     "DEFAULT_CONDITIONING_TIMESTEP",
+    "check_conditioning_timestep",
     "schedule_coefficients",
     "diffuse",
     "eps_to_score",
@@ -31,10 +33,24 @@ __all__ = [
 DEFAULT_CONDITIONING_TIMESTEP = 399
 
 
+def check_conditioning_timestep(conditioning_timestep, num_train_timesteps: int = 1000) -> None:
+    """Raise ``ValueError`` unless t* is an integer in [0, num_train_timesteps) (SDXL: 1000), naming the value."""
+    if isinstance(conditioning_timestep, bool) or not isinstance(conditioning_timestep, int | np.integer):
+        raise ValueError(
+            f"`conditioning_timestep` must be an integer timestep, got {conditioning_timestep!r}. "
+            f"DI* and DMD2 one-step generators use {DEFAULT_CONDITIONING_TIMESTEP}."
+        )
+    if not 0 <= conditioning_timestep < num_train_timesteps:
+        raise ValueError(
+            f"`conditioning_timestep` must be in [0, {num_train_timesteps}) (the scheduler's num_train_timesteps), "
+            f"got {conditioning_timestep}. DI* and DMD2 one-step generators use {DEFAULT_CONDITIONING_TIMESTEP}."
+        )
+
+
 def schedule_coefficients(
     alphas_cumprod: torch.Tensor, timesteps: int | torch.Tensor, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """α_t = sqrt(ᾱ_t) and σ_t = sqrt(1 − ᾱ_t) (DI_STAR_MATH.md §1), shaped to broadcast against ``like``.
+    """α_t = sqrt(ᾱ_t) and σ_t = sqrt(1 − ᾱ_t) (docs/math.md §1), shaped to broadcast against ``like``.
 
     ``timesteps`` is one integer timestep or a tensor ``[B]`` of them. The square roots are taken in float64 (or at
     least float32) and only then cast to ``like.dtype``, so bf16 inputs at extreme t stay finite and accurate.
@@ -47,12 +63,12 @@ def schedule_coefficients(
 
 
 def diffuse(x0: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion x_t = α_t·x0 + σ_t·ε (DI_STAR_MATH.md §1)."""
+    """Forward diffusion x_t = α_t·x0 + σ_t·ε (docs/math.md §1)."""
     return alpha_t * x0 + sigma_t * eps
 
 
 def eps_to_score(eps: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    """s(x_t) = −ε̂/σ_t (DI_STAR_MATH.md §1)."""
+    """s(x_t) = −ε̂/σ_t (docs/math.md §1)."""
     return -eps / sigma_t
 
 
@@ -62,7 +78,7 @@ def score_to_eps(score: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
 
 
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    """x̂0 = (x_t − σ_t·ε̂)/α_t (DI_STAR_MATH.md §1)."""
+    """x̂0 = (x_t − σ_t·ε̂)/α_t (docs/math.md §1)."""
     return (x_t - sigma_t * eps) / alpha_t
 
 
@@ -80,7 +96,7 @@ def generate_x0(
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """The one-step map x0 = g_θ(z, c) = (z − σ_{t*}·ε̂_θ(z, t*, c)) / α_{t*} (DI_STAR_MATH.md §2).
+    """The one-step map x0 = g_θ(z, c) = (z − σ_{t*}·ε̂_θ(z, t*, c)) / α_{t*} (docs/math.md §2).
 
     Args:
         unet: the generator g_θ, an ε-prediction ``UNet2DConditionModel`` (SDXL layout).
@@ -109,7 +125,7 @@ def generate_x0(
 
 
 def decode_latents(vae: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
-    """Pixels in [−1, 1] from latents: ``vae.decode(x0 / scaling_factor)`` (DI_STAR_MATH.md §1).
+    """Pixels in [−1, 1] from latents: ``vae.decode(x0 / scaling_factor)`` (docs/math.md §1).
 
     Honours ``latents_mean``/``latents_std`` when the VAE config has them, as diffusers' SDXL pipeline does.
     Gradients flow to ``x0``; dtype handling (fp16 upcast) is the caller's.

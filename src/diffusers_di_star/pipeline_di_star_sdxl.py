@@ -24,7 +24,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .one_step import DEFAULT_CONDITIONING_TIMESTEP, decode_latents, generate_x0
+from .one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep, decode_latents, generate_x0
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -33,13 +33,45 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_di_star import DIStarSDXLPipeline
 
         >>> pipe = DIStarSDXLPipeline.from_pretrained(
-        ...     "XDG-XHS/distar_long_1step", torch_dtype=torch.float16, variant="fp16"
+        ...     "XDG-XHS/distar_long_1step", dtype=torch.float16, variant="fp16"
         ... ).to("cuda")
         >>> image = pipe("a photo of an astronaut riding a horse on mars").images[0]
         ```
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+#: The largest image `__call__` makes unless `pipe.max_image_pixels` is raised (or set to None): 4096² = 16.8 MP, 16×
+#: SDXL's native 1024² area. Beyond it, a mistyped size would allocate tens of GiB before failing.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+#: SDXL `__call__` arguments that a one-step generator has no use for, with the value that means "not used":
+#: accepted so SDXL code runs unchanged, each ignored with one warning when given another value.
+IGNORED_SDXL_ARGUMENTS = {
+    "num_inference_steps": 1,
+    "timesteps": None,
+    "sigmas": None,
+    "denoising_end": None,
+    "eta": 0.0,
+    "guidance_scale": 0.0,
+    "guidance_rescale": 0.0,
+    "negative_prompt": None,
+    "negative_prompt_2": None,
+    "negative_prompt_embeds": None,
+    "negative_pooled_prompt_embeds": None,
+    "negative_original_size": None,
+    "negative_crops_coords_top_left": (0, 0),
+    "negative_target_size": None,
+}
+_WHY_IGNORED = {
+    "num_inference_steps": "DIStarSDXLPipeline generates in exactly one step (for multi-step sampling use "
+    "`StableDiffusionXLPipeline` with an `LCMScheduler`)",
+    "timesteps": "the one step runs at the conditioning timestep t*; pass `conditioning_timestep=` to change it",
+    "sigmas": "the one step runs at the conditioning timestep t*; pass `conditioning_timestep=` to change it",
+    "denoising_end": "there is a single step, so there is no denoising schedule to end early",
+    "eta": "there is no sampler step to add noise to",
+}
+_NO_CFG = "one-step DI* generators do not use classifier-free guidance (it is distilled into the generator)"
 
 
 @dataclass
@@ -129,17 +161,23 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         return self.scheduler.config.num_train_timesteps
 
     def _check_conditioning_timestep(self, conditioning_timestep) -> None:
-        if isinstance(conditioning_timestep, bool) or not isinstance(conditioning_timestep, (int, np.integer)):
-            raise ValueError(
-                f"`conditioning_timestep` must be an integer timestep, got {conditioning_timestep!r}. "
-                f"DI* and DMD2 one-step generators use {DEFAULT_CONDITIONING_TIMESTEP}."
-            )
-        if not 0 <= conditioning_timestep < self.num_train_timesteps:
-            raise ValueError(
-                f"`conditioning_timestep` must be in [0, {self.num_train_timesteps}) (the scheduler's "
-                f"num_train_timesteps), got {conditioning_timestep}. DI* and DMD2 one-step generators use "
-                f"{DEFAULT_CONDITIONING_TIMESTEP}."
-            )
+        check_conditioning_timestep(conditioning_timestep, self.num_train_timesteps)
+
+    #: Largest height × width accepted by `__call__`; set to None to lift the limit. See `MAX_IMAGE_PIXELS`.
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, with every component in float32 when no dtype is given.
+
+        Without a dtype, diffusers loads its models (UNet, VAE) in float32 but transformers >= 5 keeps the stored
+        dtype of the text encoders, so an fp16 folder (e.g. one converted back from a ComfyUI checkpoint) would load
+        as a mixed pipeline that fails with "mat1 and mat2 must have the same dtype". Pass `dtype` (or the
+        deprecated `torch_dtype`) to load in another precision.
+        """
+        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def to_json_string(self) -> str:
         """`model_index.json` as diffusers writes it, with `_class_name` set to `StableDiffusionXLPipeline`.
@@ -187,6 +225,20 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
     ):
         """Validate every argument of `__call__`; each error names the value and the fix."""
         factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < factor:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of the VAE factor {factor}, got {value!r}. Pass e.g. "
+                    f"{self.default_sample_size * factor}, or None for the model's native size."
+                )
+        limit = self.max_image_pixels
+        if limit is not None and height * width > limit:
+            raise ValueError(
+                f"{height}×{width} = {height * width:,} pixels is above the limit of {limit:,} pixels per image "
+                f"(`pipe.max_image_pixels`, 4096×4096 by default; this model's native size is "
+                f"{self.default_sample_size * factor}²). Pass a smaller size, or raise `pipe.max_image_pixels` (None "
+                "lifts the limit) to make it anyway."
+            )
         if height % factor != 0 or width % factor != 0:
             raise ValueError(
                 f"`height` and `width` must be multiples of the VAE factor {factor}, got {height}×{width}. Try "
@@ -261,29 +313,23 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         return 1 if isinstance(prompt, str) else len(prompt)
 
     @staticmethod
-    def _warn_unused(guidance_scale, negative_prompt, negative_prompt_2, num_inference_steps) -> None:
-        if guidance_scale is not None and guidance_scale not in (0.0, 1.0):
+    def _warn_unused(sdxl_arguments: dict[str, Any]) -> None:
+        """One warning per SDXL argument (`IGNORED_SDXL_ARGUMENTS`) given a value that would matter to SDXL."""
+        for name, value in sdxl_arguments.items():
+            unused = IGNORED_SDXL_ARGUMENTS[name]
+            if value is None or (name == "guidance_scale" and value in (0.0, 1.0)):  # 1.0 also disables CFG
+                continue
+            if not isinstance(value, torch.Tensor) and value == unused:
+                continue
+            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
             warnings.warn(
-                f"`guidance_scale={guidance_scale}` is ignored: one-step DI* generators do not use classifier-free "
-                "guidance at inference (it is distilled into the generator). Drop the argument.",
+                f"`{name}={shown}` is ignored: {_WHY_IGNORED.get(name, _NO_CFG)}. Drop the argument.",
                 UserWarning,
                 stacklevel=3,
-            )
-        if negative_prompt is not None or negative_prompt_2 is not None:
-            warnings.warn(
-                "`negative_prompt` is ignored: one-step DI* generators do not use classifier-free guidance, so a "
-                "negative prompt has no effect. Drop the argument.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if num_inference_steps not in (None, 1):
-            raise ValueError(
-                f"`num_inference_steps={num_inference_steps}`: DIStarSDXLPipeline generates in exactly one step. For "
-                "multi-step sampling use `StableDiffusionXLPipeline` with an `LCMScheduler`."
             )
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
-        """z ~ N(0, I) in latent shape (DI_STAR_MATH.md §2): no scheduler-dependent scaling of the noise."""
+        """z ~ N(0, I) in latent shape (docs/math.md §2): no scheduler-dependent scaling of the noise."""
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -335,6 +381,16 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        eta: float | None = None,
+        guidance_rescale: float | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ):
         r"""
         Generate images in one step.
@@ -360,9 +416,12 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
                 `callback_on_step_end(pipe, 0, t*, callback_kwargs)`; may return replacements for its tensors.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback, from
                 `_callback_tensor_inputs`; default `["latents"]`.
-            guidance_scale, negative_prompt, negative_prompt_2: accepted for drop-in compatibility with SDXL code and
-                ignored with a warning: one-step generators use no classifier-free guidance.
-            num_inference_steps (`int`, *optional*): only `1` is accepted.
+            guidance_scale, negative_prompt, negative_prompt_2, num_inference_steps, timesteps, sigmas,
+            denoising_end, eta, guidance_rescale, negative_prompt_embeds, negative_pooled_prompt_embeds,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size: SDXL arguments that one
+                step makes meaningless (`IGNORED_SDXL_ARGUMENTS`); accepted so SDXL code runs unchanged and ignored
+                with one warning each (none for the values of the one-step recipe: `num_inference_steps=1`,
+                `guidance_scale=0`, ...).
 
         Examples:
 
@@ -370,12 +429,13 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             [`DIStarSDXLPipelineOutput`] or `tuple`: the images (or latents) as the first element.
         """
         # 0. Default size and arguments that one-step generation does not use
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self._warn_unused(guidance_scale, negative_prompt, negative_prompt_2, num_inference_steps)
+        arguments = locals()
+        self._warn_unused({name: arguments[name] for name in IGNORED_SDXL_ARGUMENTS})
 
         # 1. Check inputs
         self.check_inputs(

@@ -46,4 +46,6 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
             f"`huggingface-cli download {model}` (then copy the cache or the folder here), "
             f"or pass --model /path/to/an/sdxl-layout/folder."
         ) from err
-    return pipe.to(device or default_device())
+    # diffusers warns once per module that fp16 "cannot run" on a CPU and "will fail"; with torch 2.13 it runs (tested
+    # by test_cli: generate --dtype fp16 --device cpu), so the four identical lines would only mislead.
+    return pipe.to(device or default_device(), silence_dtype_warnings=True)

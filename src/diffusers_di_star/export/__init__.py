@@ -1,7 +1,8 @@
 """Interop: take DI* (and DMD2-style) one-step SDXL generators to ComfyUI, A1111/Forge and kohya tools, and back.
 
 * :func:`export_comfyui_checkpoint` — full single-file SDXL checkpoint (UNet, VAE, both text encoders).
-* :func:`export_comfyui_unet` — the UNet alone, ``model.diffusion_model.*`` keys.
+* :func:`export_comfyui_unet` — the UNet alone: bare ``input_blocks.*`` keys (every ComfyUI UNet loader) or, with
+  ``unet_keys="single-file"``, ``model.diffusion_model.*`` keys (Diffusers' ``from_single_file``).
 * :func:`export_kohya_lora` — a Diffusers/PEFT UNet LoRA in kohya format with its true alpha.
 * :func:`export_diffusers` — any of those files (or a DMD2 ``.bin``) back to Diffusers folders.
 * :func:`load_generator_unet` — a generator UNet from any published layout, for inference and training.

@@ -15,7 +15,8 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
+from ..configs import load_sdxl_config
+from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep
 from .files import (
     ExportError,
     atomic_write,
@@ -35,7 +36,14 @@ from .loading import (
     load_sdxl_components,
     resolve_file,
 )
-from .lora import kohya_lora_to_peft, lora_config_from_metadata, lora_metadata, peft_lora_to_kohya
+from .lora import (
+    diffusers_lora_to_peft,
+    kohya_lora_to_peft,
+    lora_config_from_metadata,
+    lora_metadata,
+    peft_lora_to_kohya,
+)
+from .sdxl_keys import UNET_PREFIX
 from .single_file import sdxl_checkpoint_state_dict, sdxl_components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [
@@ -48,6 +56,8 @@ __all__ = [
 ]
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+#: ``export_comfyui_unet(unet_keys=...)``: the key prefix of each UNet-only layout.
+UNET_KEY_LAYOUTS = {"comfyui": "", "single-file": UNET_PREFIX}
 _SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 
 
@@ -66,6 +76,14 @@ def _model_metadata(out_path, source, conditioning_timestep: int, architecture: 
     if isinstance(source, str) and not os.path.exists(source):
         metadata["di_star.source"] = source
     return metadata
+
+
+def _check_timestep(conditioning_timestep) -> None:
+    # Checked before any loading; every exported format is SDXL, whose schedule has 1000 training timesteps.
+    try:
+        check_conditioning_timestep(conditioning_timestep, load_sdxl_config("scheduler")["num_train_timesteps"])
+    except ValueError as err:
+        raise ExportError(f"{err} (--conditioning-timestep)") from err
 
 
 def _sdxl_components(model, torch_dtype, variant):
@@ -94,6 +112,7 @@ def export_comfyui_checkpoint(
     the absolute path of the ``.safetensors`` file written.
     """
     check_output_free(out_path, overwrite)
+    _check_timestep(conditioning_timestep)
     torch_dtype = resolve_dtype(dtype)
     components = _sdxl_components(model, torch_dtype, variant)
     state_dict = cast_floating(sdxl_checkpoint_state_dict(components), torch_dtype)
@@ -113,20 +132,34 @@ def export_comfyui_unet(
     weight_name: str | None = None,
     variant: str | None = None,
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
+    unet_keys: str = "comfyui",
     overwrite: bool = False,
 ) -> str:
-    """Write the UNet alone with ``model.diffusion_model.*`` keys (ComfyUI "Load Diffusion Model", ``models/unet``).
+    """Write the UNet alone (ComfyUI "Load Diffusion Model" / "UNETLoader", ``models/unet``).
 
     ``model``: anything :func:`.loading.load_generator_unet` reads (a pipeline or UNet folder or Hub id, a DMD2
-    ``.bin``, a UNet safetensors, a single file), a ``UNet2DConditionModel`` or a pipeline object.
+    ``.bin``, a UNet safetensors, a single file), a ``UNet2DConditionModel`` or a pipeline object. ``unet_keys``
+    (:data:`UNET_KEY_LAYOUTS`): ``"comfyui"`` writes bare sgm names (``input_blocks.0.0.weight``), which every
+    ComfyUI UNet loader reads (the old ``load_unet_state_dict`` accepts only these or Diffusers names; the newer
+    ``load_diffusion_model_state_dict`` strips a ``model.diffusion_model.`` prefix if there is one);
+    ``"single-file"`` keeps the ``model.diffusion_model.`` prefix, which Diffusers'
+    ``UNet2DConditionModel.from_single_file`` needs and only the newer ComfyUI loader reads.
     """
     check_output_free(out_path, overwrite)
+    _check_timestep(conditioning_timestep)
+    if unet_keys not in UNET_KEY_LAYOUTS:
+        raise ExportError(
+            f"unknown UNet key layout {unet_keys!r} (--unet-keys): use 'comfyui' (any ComfyUI version) or "
+            f"'single-file' (Diffusers from_single_file, ComfyUI with load_diffusion_model_state_dict)."
+        )
     torch_dtype = resolve_dtype(dtype)
     if isinstance(model, (str, os.PathLike)):
         unet = load_generator_unet(os.fspath(model), base_model, subfolder, weight_name, torch_dtype, variant)
     else:
         unet = getattr(model, "unet", model)
     state_dict = cast_floating(unet_checkpoint_state_dict(unet), torch_dtype)
+    if unet_keys == "comfyui":
+        state_dict = {key.removeprefix(UNET_PREFIX): value for key, value in state_dict.items()}
     metadata = _model_metadata(out_path, model, conditioning_timestep) | {"di_star.component": "unet"}
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
@@ -167,24 +200,33 @@ def export_kohya_lora(
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     overwrite: bool = False,
 ) -> str:
-    """Convert a Diffusers/PEFT UNet LoRA file to kohya keys with the true alpha (ComfyUI "LoraLoader", A1111/Forge).
+    """Convert a UNet LoRA file to kohya keys with the true alpha (ComfyUI "LoraLoader", A1111/Forge).
 
-    ``lora``: a ``pytorch_lora_weights.safetensors`` file, a folder or Hub repo holding one (``weight_name`` picks
-    another file). ``lora_alpha`` is needed only when the file's metadata lacks it. ``base_model`` gives the UNet
-    architecture (default: SDXL base).
+    ``lora``: a LoRA file in any layout Diffusers' ``load_lora_weights`` reads — PEFT keys (``lora_A``/``lora_B``),
+    the ``save_lora_weights`` layout of our trainer and Diffusers' training scripts (``lora.down``/``lora.up``), the
+    old attention-processor layout, or kohya keys — or a folder or Hub repo holding
+    ``pytorch_lora_weights.safetensors`` (``weight_name`` picks another file). ``lora_alpha`` is needed only when a
+    non-kohya file's metadata lacks it. ``base_model`` gives the UNet architecture (default: SDXL base).
     """
     check_output_free(out_path, overwrite)
+    _check_timestep(conditioning_timestep)
     path = _lora_file(os.fspath(lora), weight_name)
     state_dict = load_state_dict_file(path)
-    if checkpoint_kind(state_dict) != "peft-lora":
-        raise ExportError(
-            f"{path!r} is not a Diffusers/PEFT LoRA (lora_A/lora_B keys); found {checkpoint_kind(state_dict)}."
-        )
-    config = _lora_config(path, lora_alpha)
+    kind = checkpoint_kind(state_dict)
+    unet_config = load_component_config("unet", base_model)
     try:
-        kohya = peft_lora_to_kohya(
-            cast_floating(state_dict, resolve_dtype(dtype)), load_component_config("unet", base_model), config
-        )
+        if kind == "kohya-lora":  # already kohya: re-written with each module's alpha, in the requested dtype
+            if lora_alpha is not None:
+                raise ExportError(f"{path!r} is a kohya LoRA with its alphas inside; drop --lora-alpha.")
+            state_dict, config = kohya_lora_to_peft(state_dict, unet_config)
+        elif kind in ("peft-lora", "diffusers-lora"):
+            state_dict, config = diffusers_lora_to_peft(state_dict), _lora_config(path, lora_alpha)
+        else:
+            raise ExportError(
+                f"{path!r} is not a LoRA in a layout Diffusers' load_lora_weights reads (PEFT lora_A/lora_B, "
+                f"Diffusers lora.down/lora.up or kohya lora_unet_ keys); found {kind}."
+            )
+        kohya = peft_lora_to_kohya(cast_floating(state_dict, resolve_dtype(dtype)), unet_config, config)
     except ValueError as err:
         raise ExportError(f"{path!r}: {err}") from err
     metadata = _model_metadata(out_path, os.fspath(lora), conditioning_timestep, f"{_SDXL_ARCHITECTURE}/lora")

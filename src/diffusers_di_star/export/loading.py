@@ -91,13 +91,17 @@ def checkpoint_kind(keys) -> str:
     """What a weights file holds, from its key names.
 
     ``"sdxl-checkpoint"`` (full single file), ``"unet-original"`` (``model.diffusion_model.*`` or bare sgm keys),
-    ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"`` or ``"unknown"``.
+    ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"`` (``lora_A``/``lora_B``), ``"diffusers-lora"`` (the
+    ``lora.down``/``lora.up`` layout ``save_lora_weights`` writes from training scripts, or the old
+    ``to_q_lora.down`` attention-processor layout) or ``"unknown"``.
     """
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya-lora"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft-lora"
+    if any(re.search(r"[._]lora\.(down|up)\.", k) for k in keys):
+        return "diffusers-lora"
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return "sdxl-checkpoint" if any(k.startswith("conditioner.embedders.") for k in keys) else "unet-original"
     if "input_blocks.0.0.weight" in keys:

@@ -21,6 +21,7 @@ import re
 import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils.other import get_pattern_key
 
 from .files import ExportError
@@ -29,6 +30,7 @@ from .sdxl_keys import unet_key_map
 __all__ = [
     "KOHYA_UNET_PREFIX",
     "LORA_METADATA_KEY",
+    "diffusers_lora_to_peft",
     "lora_config_from_metadata",
     "peft_lora_to_kohya",
     "kohya_lora_to_peft",
@@ -48,6 +50,17 @@ def lora_config_from_metadata(metadata: dict[str, str], component: str = "unet")
     packed = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
     prefix = f"{component}."
     return {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
+
+
+def diffusers_lora_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A UNet LoRA in any Diffusers layout -> PEFT keys (``unet.<module>.lora_A.weight``); prefixes are kept.
+
+    Handles PEFT keys (unchanged), the ``save_lora_weights`` layout that Diffusers' training scripts and our trainer
+    write (``<module>.lora.down.weight``, from ``convert_state_dict_to_diffusers``) and the old attention-processor
+    layout (``to_q_lora.down``), with Diffusers' own ``convert_unet_state_dict_to_peft``: the conversion
+    ``UNet2DConditionModel.load_lora_adapter`` applies when ``load_lora_weights`` reads such a file.
+    """
+    return convert_unet_state_dict_to_peft(state_dict)
 
 
 def _unet_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

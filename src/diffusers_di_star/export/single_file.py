@@ -1,8 +1,8 @@
 """SDXL single-file checkpoints (ComfyUI "Load Checkpoint", A1111/Forge, kohya) <-> Diffusers components.
 
 A full checkpoint holds four parts under their original prefixes (:mod:`.sdxl_keys`); a UNet-only file holds the
-``model.diffusion_model.*`` part alone (ComfyUI "Load Diffusion Model" strips the prefix; Diffusers'
-``UNet2DConditionModel.from_single_file`` needs it).
+``model.diffusion_model.*`` part alone, with the prefix (Diffusers' ``UNet2DConditionModel.from_single_file`` needs
+it) or without (every ComfyUI UNet loader reads that): see :func:`.exporters.export_comfyui_unet`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,45 @@
+"""Drop library log messages a user cannot act on; each filter matches one exact message, all others stay.
+
+Installed when this module is imported, which ``diffusers_di_star/__init__.py`` does first (before transformers'
+image-processor classes are imported).
+Checked with diffusers 0.42.1 and transformers 5.24.0; ``tests/test_cli.py`` runs the demo and asserts both are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["install"]
+
+#: logger name -> message fragments that identify the messages dropped from it.
+SILENCED = {
+    # diffusers' ModelMixin.to() warns on every dtype cast when `_keep_in_fp32_modules` is an EMPTY list (it tests
+    # `is not None`), so "should be kept in float32: []" names nothing to keep. The pipeline's fp16-VAE upcast and the
+    # trainer's casts would print it on every call. A non-empty list is a real warning and is kept.
+    "diffusers.models.modeling_utils": ("should be kept in float32: [].",),
+    # transformers >= 5 notes, per image-processor class, that without torchvision it falls back to the PIL processor.
+    # SDXL text-to-image never runs an image processor (only IP-Adapter would), and our reward models preprocess
+    # with their own code, so there is nothing to act on.
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def install() -> None:
+    """Add the filters of :data:`SILENCED` to their loggers (idempotent)."""
+    for name, fragments in SILENCED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
+
+
+install()
