@@ -28,7 +28,7 @@ from diffusers_di_star.rewards.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLI
 from diffusers_di_star.rewards.registry import RewardEntry
 from diffusers_di_star.weights import load_state_dict_file
 
-BUILT_IN = ["aesthetic", "clip", "hpsv2", "hpsv2.1", "imagereward", "pickscore"]
+BUILT_IN = ["aesthetic", "boldness", "clip", "hpsv2", "hpsv2.1", "imagereward", "pickscore"]
 
 
 class MeanBrightness(RewardModel):

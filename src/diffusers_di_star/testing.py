@@ -140,14 +140,16 @@ def get_tiny_text_encoders(vocab_size: int, eos_token_id: int, seed: int = 0):
     return tuple(encoders)
 
 
-def get_tiny_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+def get_tiny_unet(
+    seed: int = 0, sample_size: int = 8, block_out_channels: tuple[int, int] = (32, 64)
+) -> UNet2DConditionModel:
     """An SDXL-layout UNet (``text_time`` added conditioning, cross-attention over both text encoders)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

@@ -18,6 +18,7 @@ import torch
 from .aesthetic import AestheticReward
 from .base import RewardModel, WeightedSumReward
 from .clip_score import ClipScoreReward
+from .digits import BoldnessReward
 from .hpsv2 import HPSv2Reward
 from .image_reward import ImageReward
 from .pickscore import PickScoreReward
@@ -142,3 +143,4 @@ register_reward("hpsv2", partial(HPSv2Reward.from_pretrained, version="2.0"))
 register_reward("hpsv2.1", partial(HPSv2Reward.from_pretrained, version="2.1"))
 register_reward("aesthetic", AestheticReward.from_pretrained)
 register_reward("imagereward", ImageReward.from_pretrained)
+register_reward("boldness", BoldnessReward)
