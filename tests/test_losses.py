@@ -1,4 +1,4 @@
-"""The DI* losses against theory (DI_STAR_MATH.md §6, ``docs/math.md``).
+"""The DI* losses against theory (``docs/math.md`` §10).
 
 The Gaussian toy: generator g_θ(z) = μ + A·z (θ = μ, A) in 2D, reference N(m, I), SDXL's discrete VP schedule. Then
 p_θ,t = N(α_t μ, α_t² AAᵀ + σ_t² I) and p_ref,t = N(α_t m, I) have exact scores, and the exact assistant is

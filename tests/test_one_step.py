@@ -37,7 +37,7 @@ def test_eps_score_x0_round_trips_are_exact():
 
 
 def test_eps_score_is_the_forward_kernel_score():
-    # ∇_{x_t} log p_t(x_t | x0) = −(x_t − α_t x0)/σ_t² = −ε/σ_t (DI_STAR_MATH.md §1).
+    # ∇_{x_t} log p_t(x_t | x0) = −(x_t − α_t x0)/σ_t² = −ε/σ_t (docs/math.md §1).
     x0, eps, alpha_t, sigma_t = _draws()
     x_t = diffuse(x0, eps, alpha_t, sigma_t)
     torch.testing.assert_close(eps_to_score(eps, sigma_t), -(x_t - alpha_t * x0) / sigma_t**2)

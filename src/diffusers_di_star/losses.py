@@ -1,4 +1,4 @@
-"""The DI* objective, one pure function per term (arXiv 2410.20898; DI_STAR_MATH.md §3–5; ``docs/math.md``).
+"""The DI* objective, one pure function per term (arXiv 2410.20898; ``docs/math.md`` §3–9).
 
 Every loss takes the randomness (ε, t through α_t/σ_t) and the networks from the caller and returns the per-sample,
 unreduced loss ``[B]`` in at least float32; the caller reduces, weights against other terms and logs.
@@ -103,7 +103,7 @@ def score_distance(y: torch.Tensor, distance: str = "pseudo_huber", huber_c: flo
 
 
 def score_distance_grad(y: torch.Tensor, distance: str = "pseudo_huber", huber_c: float = 1.0) -> torch.Tensor:
-    """d'(y) = ∇_y d(y): y / sqrt(‖y‖² + c²) for pseudo-Huber, 2y for ``"l2"`` (DI_STAR_MATH.md §3)."""
+    """d'(y) = ∇_y d(y): y / sqrt(‖y‖² + c²) for pseudo-Huber, 2y for ``"l2"`` (``docs/math.md`` §3)."""
     y = _upcast(y)
     if distance == "pseudo_huber":
         norm = (y.flatten(1).pow(2).sum(1) + huber_c**2).sqrt()
@@ -157,7 +157,7 @@ def kl_divergence_loss(
     eps_reference: EpsPredictor,
     weight: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """Integral-KL regulariser of Diff-Instruct / DI++ (DI_STAR_MATH.md §5): w(t)·sg[s_ψ(x_t) − s_ref(x_t)]ᵀx_t.
+    """Integral-KL regulariser of Diff-Instruct / DI++ (``docs/math.md`` §6): w(t)·sg[s_ψ(x_t) − s_ref(x_t)]ᵀx_t.
 
     Its gradient is w(t)·(s_ψ − s_ref)ᵀ∂x_t/∂θ, the gradient of ∫ w(t) KL(p_θ,t ‖ p_ref,t) dt when s_ψ = s_{p_θ,t}.
     The networks see sg[x_t] and run without a graph.
