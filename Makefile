@@ -24,7 +24,7 @@ demo: install
 	printf "a cat wearing sunglasses\na fox in a snowy forest\na red chair\n" > $(DEMO_OUT)/prompts.txt
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/train_di_star_sdxl.py --pretrained_model_name_or_path $(DEMO_OUT)/tiny-sdxl \
 		--train_data_file $(DEMO_OUT)/prompts.txt --resolution 64 --max_train_steps 3 --reward_scale 0 \
-		--report_to tensorboard --output_dir $(DEMO_OUT)/di-star-tiny
+		--report_to tensorboard --overwrite_output_dir --output_dir $(DEMO_OUT)/di-star-tiny
 	HF_HUB_OFFLINE=1 $(BIN)/di-star generate --model $(DEMO_OUT)/di-star-tiny --prompt "a cat wearing sunglasses" \
 		--height 64 --width 64 --out $(DEMO_OUT)/di-star-tiny-images
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/mini_digits/run.py --quick --out $(DEMO_OUT)/mini_digits
