@@ -239,11 +239,11 @@ def test_lora_and_deepspeed_are_refused_with_one_line(runs):
 
 
 def test_docs_memory_table_is_the_computed_one():
-    from diffusers_di_star.training.distributed import full_finetuning_memory_gb, sdxl_parameter_counts
+    from diffusers_di_star.benchmarking.memory import fsdp_full_finetuning_memory_gb, sdxl_parameter_counts
 
     counts = sdxl_parameter_counts()
     assert counts == {"unet": 2_567_463_684, "text_encoders": 817_720_320, "vae": 83_653_863}
     docs = open(os.path.join(ROOT, "docs", "training.md")).read()
     for gpus in (1, 2, 4, 8):
-        row = " | ".join(f"{value:.1f}" for value in full_finetuning_memory_gb(gpus, counts).values())
+        row = " | ".join(f"{value:.1f}" for value in fsdp_full_finetuning_memory_gb(gpus, counts).values())
         assert f"| {gpus} | {row} |" in docs

@@ -16,10 +16,10 @@ import dataclasses
 
 import torch
 
-from .components import build_pickscore_reward, build_text_encoders, build_vae
+from .components import SIZES, build_pickscore_reward, build_text_encoders, build_unet, build_vae
 from .settings import BenchSettings
 
-__all__ = ["ADAM_STATES", "static_training_memory"]
+__all__ = ["ADAM_STATES", "fsdp_full_finetuning_memory_gb", "sdxl_parameter_counts", "static_training_memory"]
 
 #: AdamW keeps two float32 moments (exp_avg, exp_avg_sq) per trainable parameter.
 ADAM_STATES = 2
@@ -54,3 +54,35 @@ def static_training_memory(layout: str, settings: BenchSettings) -> dict[str, in
         "total": weights + adam + gradients,
         "trainable_parameters": sum(p.numel() for params in trainable.values() for p in params),
     }
+
+
+def sdxl_parameter_counts() -> dict[str, int]:
+    """Parameter counts of full-size SDXL base's UNet, both text encoders and VAE, built on the meta device."""
+    full = SIZES["full"]
+    modules = {
+        "unet": [build_unet(full, _META, torch.float32)],
+        "text_encoders": build_text_encoders(full, _META, torch.float32)[1],
+        "vae": [build_vae(full, _META, torch.float32)],
+    }
+    return {name: sum(p.numel() for m in group for p in m.parameters()) for name, group in modules.items()}
+
+
+def fsdp_full_finetuning_memory_gb(num_gpus: int, counts: dict[str, int] | None = None) -> dict[str, float]:
+    """Computed (not measured) GB per GPU of DI* full finetuning under FSDP full sharding over ``num_gpus``.
+
+    Generator and assistant: float32 weights and AdamW's two float32 moments, sharded; float32 gradients of ONE of
+    them (each network's are freed after its optimiser step, as in :func:`static_training_memory`), sharded; the
+    frozen reference in float32, sharded (the trainer keeps FSDP's units float32); text encoders and VAE in bf16,
+    replicated. Excludes activations, FSDP's all-gather buffers, the reward model and allocator overhead.
+    """
+    counts = counts or sdxl_parameter_counts()
+    unet, gb = counts["unet"], 1e9
+    rows = {
+        "generator + assistant weights": 2 * 4 * unet / num_gpus / gb,
+        "one network's gradients": 4 * unet / num_gpus / gb,
+        "their AdamW states": 2 * ADAM_STATES * 4 * unet / num_gpus / gb,
+        "frozen reference": 4 * unet / num_gpus / gb,
+        "text encoders + VAE (bf16, replicated)": 2 * (counts["text_encoders"] + counts["vae"]) / gb,
+    }
+    rows["total"] = sum(rows.values())
+    return rows

@@ -21,11 +21,9 @@ from .models import DIStarNetworks
 __all__ = [
     "check_engine",
     "clip_parameters",
-    "full_finetuning_memory_gb",
     "gather_unet",
     "local_main_first",
     "prepare_networks",
-    "sdxl_parameter_counts",
 ]
 
 T = TypeVar("T")
@@ -135,45 +133,3 @@ def local_main_first(accelerator: Accelerator, load: Callable[[], T]) -> T:
     if error is not None:
         raise error
     return result if accelerator.is_local_main_process else load()
-
-
-def sdxl_parameter_counts() -> dict[str, int]:
-    """Parameter counts of SDXL base's UNet, text encoders and VAE, built on the meta device from bundled configs."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ..configs import load_sdxl_config
-
-    with init_empty_weights():
-        modules = {
-            "unet": UNet2DConditionModel.from_config(load_sdxl_config("unet")),
-            "text_encoders": torch.nn.ModuleList(
-                [
-                    CLIPTextModel(CLIPTextConfig.from_dict(load_sdxl_config("text_encoder"))),
-                    CLIPTextModelWithProjection(CLIPTextConfig.from_dict(load_sdxl_config("text_encoder_2"))),
-                ]
-            ),
-            "vae": AutoencoderKL.from_config(load_sdxl_config("vae")),
-        }
-    return {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
-
-
-def full_finetuning_memory_gb(num_gpus: int, counts: dict[str, int] | None = None) -> dict[str, float]:
-    """Computed (not measured) GB per GPU of DI* full finetuning under FSDP full sharding over ``num_gpus``.
-
-    Generator and assistant: float32 weights, float32 gradients and AdamW's two float32 moments (16 bytes per
-    parameter each), sharded; the frozen reference in float32, sharded (the trainer keeps FSDP's units float32);
-    text encoders and VAE in bf16, replicated. Excludes activations, FSDP's all-gather buffers, the reward model
-    and allocator overhead.
-    """
-    counts = counts or sdxl_parameter_counts()
-    unet, gb = counts["unet"], 1e9
-    rows = {
-        "generator + assistant weights": 2 * 4 * unet / num_gpus / gb,
-        "their gradients": 2 * 4 * unet / num_gpus / gb,
-        "their AdamW states": 2 * 8 * unet / num_gpus / gb,
-        "frozen reference": 4 * unet / num_gpus / gb,
-        "text encoders + VAE (bf16, replicated)": 2 * (counts["text_encoders"] + counts["vae"]) / gb,
-    }
-    rows["total"] = sum(rows.values())
-    return rows
