@@ -34,13 +34,13 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
+from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
@@ -483,7 +483,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
                 state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
                 incompatible = set_peft_model_state_dict(
                     networks.bare_unet(role),
-                    convert_unet_state_dict_to_peft(state_dict),
+                    diffusers_lora_to_peft(state_dict),
                     adapter_name=networks.adapter(role),
                 )
                 if getattr(incompatible, "unexpected_keys", None):
