@@ -238,7 +238,7 @@ def test_sdxl_arguments_one_step_makes_meaningless_warn_once_each(tiny_component
     expected = pipe("a cat", generator=gen(), output_type="np").images
     embeds = torch.zeros(1, 77, 96)
     sdxl_call = {
-        "num_inference_steps": 50, "timesteps": [999, 499], "sigmas": [14.6, 1.0], "denoising_end": 0.8, "eta": 0.5,
+        "num_inference_steps": 50, "timesteps": np.array([999, 499]), "sigmas": [14.6, 1.0], "denoising_end": 0.8, "eta": 0.5,
         "guidance_scale": 5.0, "guidance_rescale": 0.7, "negative_prompt": "blurry", "negative_prompt_2": "dark",
         "negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": torch.zeros(1, 64),
         "negative_original_size": (512, 512), "negative_crops_coords_top_left": (8, 8),
@@ -254,10 +254,11 @@ def test_sdxl_arguments_one_step_makes_meaningless_warn_once_each(tiny_component
         assert sum(m.startswith(f"`{name}=") for m in messages) == 1, (name, messages)
     assert len(messages) == len(sdxl_call)
     assert "`num_inference_steps=50` is ignored: DIStarSDXLPipeline generates in exactly one step" in messages[0]
-    assert any(m.startswith("`negative_prompt_embeds=a tensor` is ignored") for m in messages)
+    assert any(m.startswith("`negative_prompt_embeds=an array` is ignored") for m in messages)
+    assert any(m.startswith("`timesteps=an array` is ignored") for m in messages)  # NumPy arrays too
     # SDXL's own defaults and the one-step recipe's values say "not used": no warning.
     recipe = {"num_inference_steps": 1, "guidance_scale": 0.0, "eta": 0.0, "guidance_rescale": 0.0,
-              "negative_crops_coords_top_left": (0, 0)}  # fmt: skip
+              "negative_crops_coords_top_left": [0, 0]}  # fmt: skip  (a list, as SDXL code often passes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a cat", output_type="latent", **recipe)

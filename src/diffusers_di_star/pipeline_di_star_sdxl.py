@@ -319,9 +319,10 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             unused = IGNORED_SDXL_ARGUMENTS[name]
             if value is None or (name == "guidance_scale" and value in (0.0, 1.0)):  # 1.0 also disables CFG
                 continue
-            if not isinstance(value, torch.Tensor) and value == unused:
+            array = isinstance(value, torch.Tensor) or hasattr(value, "__array__")  # tensors, NumPy arrays
+            if not array and (tuple(value) if isinstance(value, list) else value) == unused:
                 continue
-            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+            shown = "an array" if array else repr(value)
             warnings.warn(
                 f"`{name}={shown}` is ignored: {_WHY_IGNORED.get(name, _NO_CFG)}. Drop the argument.",
                 UserWarning,

@@ -15,7 +15,6 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..configs import load_sdxl_config
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep
 from .files import (
     ExportError,
@@ -79,9 +78,9 @@ def _model_metadata(out_path, source, conditioning_timestep: int, architecture: 
 
 
 def _check_timestep(conditioning_timestep) -> None:
-    # Checked before any loading; every exported format is SDXL, whose schedule has 1000 training timesteps.
+    # Checked before any loading; every exported format is SDXL (1000 training timesteps, the default bound).
     try:
-        check_conditioning_timestep(conditioning_timestep, load_sdxl_config("scheduler")["num_train_timesteps"])
+        check_conditioning_timestep(conditioning_timestep)
     except ValueError as err:
         raise ExportError(f"{err} (--conditioning-timestep)") from err
 
