@@ -144,14 +144,16 @@ def reference(tiny, seed, timestep=399):
 
 
 @torch.no_grad()
-def test_node_gives_the_generate_x0_image(tiny, comfy_stubs):
+@pytest.mark.parametrize("t_star", [399, 999])  # 999: σ_max, where ComfyUI scales the noise by sqrt(1 + σ²) itself
+def test_node_gives_the_generate_x0_image(tiny, comfy_stubs, t_star):
     model_sampling = ComfyModelSamplingDiscrete()
-    samples, images, sigmas = run_node(tiny, model_sampling, seed=7)
-    x0, expected, _ = reference(tiny, seed=7)
-    torch.testing.assert_close(sigmas, torch.stack([model_sampling.sigmas[399], torch.tensor(0.0)]))
-    assert model_sampling.timestep(sigmas[:1]).item() == 399
+    samples, images, sigmas = run_node(tiny, model_sampling, seed=7, conditioning_timestep=t_star)
+    x0, expected, _ = reference(tiny, seed=7, timestep=t_star)
+    torch.testing.assert_close(sigmas, torch.stack([model_sampling.sigmas[t_star], torch.tensor(0.0)]))
+    assert model_sampling.timestep(sigmas[:1]).item() == t_star
     assert x0.abs().max() > 1  # latents of realistic size, not near zero
-    assert (samples - x0).abs().max() <= 1e-5
+    # fp32 rounding relative to |x0| (≈ 34 at t* = 999, where the old noise scaling was 3 % off)
+    assert (samples - x0).abs().max() <= 1e-6 * x0.abs().max()
     assert (images - expected).abs().max() <= 1e-5
 
 

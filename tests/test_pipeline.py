@@ -238,7 +238,8 @@ def test_sdxl_arguments_one_step_makes_meaningless_warn_once_each(tiny_component
     expected = pipe("a cat", generator=gen(), output_type="np").images
     embeds = torch.zeros(1, 77, 96)
     sdxl_call = {
-        "num_inference_steps": 50, "timesteps": np.array([999, 499]), "sigmas": [14.6, 1.0], "denoising_end": 0.8, "eta": 0.5,
+        "num_inference_steps": 50, "timesteps": np.array([999, 499]), "sigmas": [14.6, 1.0], "denoising_end": 0.8,
+        "eta": 0.5,
         "guidance_scale": 5.0, "guidance_rescale": 0.7, "negative_prompt": "blurry", "negative_prompt_2": "dark",
         "negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": torch.zeros(1, 64),
         "negative_original_size": (512, 512), "negative_crops_coords_top_left": (8, 8),

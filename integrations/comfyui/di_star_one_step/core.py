@@ -37,14 +37,20 @@ DEFAULT_CONDITIONING_TIMESTEP = 399
 METADATA_KEY = "di_star.conditioning_timestep"
 
 
-def noise_multiplier(sigma: float) -> float:
-    """sqrt(1 + σ²)/σ: ComfyUI multiplies the start noise by σ, so the sampler starts at sqrt(1 + σ²)·z."""
+def noise_multiplier(sigma: float, sigma_max: float = math.inf) -> float:
+    """sqrt(1 + σ²)/σ: ComfyUI multiplies the start noise by σ, so the sampler starts at sqrt(1 + σ²)·z.
+
+    At the model's maximum σ (t* = 999) ComfyUI already scales by sqrt(1 + σ²) itself (``max_denoise``, same test as
+    ``KSAMPLER.sample``): then the noise passes unchanged.
+    """
+    if math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max:
+        return 1.0
     return math.sqrt(1.0 + sigma * sigma) / sigma
 
 
-def one_step_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
+def one_step_noise(noise: torch.Tensor, sigma: float, sigma_max: float = math.inf) -> torch.Tensor:
     """The NOISE the sampler must receive so that the UNet sees ``noise`` (z) itself at σ."""
-    return noise * noise_multiplier(sigma)
+    return noise * noise_multiplier(sigma, sigma_max)
 
 
 def one_step_sigmas(sigma: float | torch.Tensor) -> torch.Tensor:

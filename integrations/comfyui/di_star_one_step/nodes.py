@@ -13,15 +13,16 @@ _NO_FILE = "none"
 class OneStepNoise:
     """A NOISE for ``SamplerCustomAdvanced``: ComfyUI's ``RandomNoise`` (same seed, same z), times sqrt(1 + σ²)/σ."""
 
-    def __init__(self, seed: int, sigma: float):
+    def __init__(self, seed: int, sigma: float, sigma_max: float):
         self.seed = seed
         self.sigma = sigma
+        self.sigma_max = sigma_max
 
     def generate_noise(self, input_latent):
         import comfy.sample
 
         z = comfy.sample.prepare_noise(input_latent["samples"], self.seed, input_latent.get("batch_index"))
-        return one_step_noise(z, self.sigma)
+        return one_step_noise(z, self.sigma, self.sigma_max)
 
 
 def _model_folders() -> list[str]:
@@ -86,8 +87,9 @@ class DIStarOneStep:
         if timestep_from_file != _NO_FILE:
             stored = read_conditioning_timestep(_full_path(timestep_from_file))
             timestep = timestep if stored is None else stored
-        sigma = float(_model_sampling(model).sigma(torch.tensor(timestep)))
-        return OneStepNoise(noise_seed, sigma), one_step_sigmas(sigma)
+        model_sampling = _model_sampling(model)
+        sigma = float(model_sampling.sigma(torch.tensor(timestep)))
+        return OneStepNoise(noise_seed, sigma, float(model_sampling.sigma_max)), one_step_sigmas(sigma)
 
 
 NODE_CLASS_MAPPINGS = {"DIStarOneStep": DIStarOneStep}

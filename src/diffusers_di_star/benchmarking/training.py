@@ -37,10 +37,7 @@ def build_networks(layout: str, config: DIStarConfig, settings: BenchSettings) -
         return setup_networks(config, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
     if layout == "full":
         full = dataclasses.replace(config, use_lora=False)
-        networks = setup_networks(full, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
-        # The score term backpropagates through the frozen reference's input too: checkpoint it, as `separate` does.
-        networks.reference_unet.enable_gradient_checkpointing()
-        return networks
+        return setup_networks(full, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)  # reference too
     generator, frozen_reference = copy.deepcopy(reference), copy.deepcopy(reference)
     frozen_reference.enable_gradient_checkpointing()
     networks = setup_networks(config, reference, generator, TRAINING_DTYPE, gradient_checkpointing=True)
