@@ -31,14 +31,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
@@ -50,7 +48,6 @@ from diffusers_di_star.training import (
     ROLES,
     DIStarConfig,
     assistant_loss,
-    encode_prompts,
     generator_loss,
     load_prompts,
     prompt_batch,
@@ -72,7 +69,12 @@ from diffusers_di_star.training.distributed import (
     local_main_first,
     prepare_networks,
 )
-from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
+from diffusers_di_star.training.preflight import (
+    check_lora_targets,
+    detect_model_family,
+    is_hub_id,
+    load_network_config,
+)
 
 logger = get_logger(__name__)
 
@@ -386,9 +388,11 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def check_models(args: argparse.Namespace) -> None:
-    """The reference model is reachable and the LoRA targets exist in its UNet (from its config, no weights)."""
-    config = load_unet_config(args.pretrained_model_name_or_path, revision=args.revision)
+def check_models(args: argparse.Namespace):
+    """The reference model's family (from its ``model_index.json``); it is reachable and the LoRA targets exist in its
+    network (from its config, no weights)."""
+    family_class = detect_model_family(args.pretrained_model_name_or_path, revision=args.revision)
+    config = load_network_config(family_class, args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
         if name is not None and not is_hub_id(name) and not os.path.exists(name):
@@ -396,7 +400,8 @@ def check_models(args: argparse.Namespace) -> None:
     if args.use_lora:
         di_star = make_config(args)
         targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in ROLE_DIRS}
-        check_lora_targets(config, targets)
+        check_lora_targets(config, targets, family_class.network_class())
+    return family_class
 
 
 class TrainingStopped(RuntimeError):
@@ -426,21 +431,6 @@ def check_accelerator(accelerator: Accelerator) -> None:
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no.")
 
 
-def load_text_models(args):
-    tokenizers = [
-        AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, revision=args.revision)
-        for sub in ("tokenizer", "tokenizer_2")
-    ]
-    kwargs = {"revision": args.revision, "variant": args.variant}
-    text_encoders = [
-        CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", **kwargs),
-        CLIPTextModelWithProjection.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder_2", **kwargs
-        ),
-    ]
-    return tokenizers, text_encoders
-
-
 def load_vae(args) -> AutoencoderKL:
     if args.pretrained_vae_model_name_or_path is not None:
         return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision)
@@ -449,7 +439,7 @@ def load_vae(args) -> AutoencoderKL:
     )
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
+def register_checkpoint_hooks(accelerator: Accelerator, networks, family) -> None:
     """Checkpoints hold the generator and assistant as LoRA (``save_lora_weights`` format) or full UNets.
 
     Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
@@ -462,10 +452,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
             path = os.path.join(output_dir, folder)
             if networks.use_lora:
                 if accelerator.is_main_process:
-                    state_dict, metadata = networks.lora_state_dict(role)
-                    StableDiffusionXLPipeline.save_lora_weights(
-                        path, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
-                    )
+                    family.save_lora_weights(path, *networks.lora_state_dict(role))
             else:
                 unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
                 if accelerator.is_main_process:
@@ -479,35 +466,24 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
         for role, folder in ROLE_DIRS.items():
             path = os.path.join(input_dir, folder)
             if networks.use_lora:
-                state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(path)
-                state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
                 incompatible = set_peft_model_state_dict(
                     networks.bare_unet(role),
-                    diffusers_lora_to_peft(state_dict),
+                    diffusers_lora_to_peft(family.load_lora_state_dict(path)),
                     adapter_name=networks.adapter(role),
                 )
                 if getattr(incompatible, "unexpected_keys", None):
                     raise ValueError(f"{path}: unexpected LoRA keys {incompatible.unexpected_keys[:3]}")
             else:
-                saved = UNet2DConditionModel.from_pretrained(path)
+                saved = family.network_class().from_pretrained(path)
                 networks.bare_unet(role).load_state_dict(saved.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler) -> DIStarSDXLPipeline:
-    return DIStarSDXLPipeline(
-        vae=vae,
-        text_encoder=text_encoders[0],
-        text_encoder_2=text_encoders[1],
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
-        unet=generator_unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-        conditioning_timestep=args.conditioning_timestep,
-    )
+def build_pipeline(args, generator_unet, family, vae):
+    """The family's one-step pipeline (e.g. ``DIStarSDXLPipeline``) around the generator."""
+    return family.build_pipeline(generator_unet, vae, args.conditioning_timestep)
 
 
 def validate(args, pipeline, folder: str) -> list[str]:
@@ -607,7 +583,7 @@ def main(args: argparse.Namespace) -> int:
     )
     logger.info(f"{len(prompts)} training prompts")
     resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
-    check_models(args)
+    family_class = check_models(args)
     reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
     set_seed(args.seed)  # the same on every rank: LoRA's random init must be identical everywhere
     if args.allow_tf32:
@@ -616,12 +592,10 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
 
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    tokenizers, text_encoders = load_text_models(args)
+    family = family_class.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
+    logger.info(f"model family {family.name}, prediction type {family.prediction_type}")
     vae = load_vae(args)
-    scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    reference_unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
+    reference_unet = family.load_network(args.pretrained_model_name_or_path, args.revision, args.variant)
     generator_unet = None
     if args.pretrained_generator is not None:
         generator_unet = load_generator_unet(
@@ -639,15 +613,13 @@ def main(args: argparse.Namespace) -> int:
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    for text_encoder in text_encoders:
-        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    family.to(accelerator.device, dtype=weight_dtype)
     if reward_model is not None:
         reward_model.to(accelerator.device)
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
         unet.to(accelerator.device)
         if args.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
-    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
 
     world = accelerator.num_processes
     generator_lr, assistant_lr = args.learning_rate, args.assistant_learning_rate or args.learning_rate
@@ -683,7 +655,7 @@ def main(args: argparse.Namespace) -> int:
     if args.use_ema:
         ema = EMAModel(networks.trainable_parameters("generator"), decay=args.ema_decay)
         ema.to(accelerator.device)  # checkpointed as safetensors by save_checkpoint, not pickled by accelerate
-    register_checkpoint_hooks(accelerator, networks)
+    register_checkpoint_hooks(accelerator, networks, family)
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, (list, dict))}
@@ -698,7 +670,7 @@ def main(args: argparse.Namespace) -> int:
         for micro in range(args.gradient_accumulation_steps):
             index = step * args.gradient_accumulation_steps + micro
             batch = prompt_batch(prompts, index, args.train_batch_size, args.seed, accelerator.process_index, world)
-            yield batch, encode_prompts(batch, tokenizers, text_encoders, args.resolution)
+            yield batch, family.encode(batch, args.resolution)
 
     def update(optimizer, lr_scheduler, params, losses):
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
@@ -727,7 +699,7 @@ def main(args: argparse.Namespace) -> int:
             for _ in range(config.assistant_updates_per_step):
                 losses = []
                 for _, cond in batches:
-                    loss, terms = assistant_loss(networks, config, cond, alphas_cumprod, rng)
+                    loss, terms = assistant_loss(networks, config, cond, family, rng)
                     accelerator.backward(loss / gas)
                     losses.append(terms["assistant_loss"])
                 norm = update(assistant_optimizer, assistant_lr_scheduler, assistant_params, losses)
@@ -737,9 +709,7 @@ def main(args: argparse.Namespace) -> int:
                 )
             losses = []
             for prompts_batch, cond in batches:
-                loss, terms = generator_loss(
-                    networks, config, cond, prompts_batch, alphas_cumprod, vae, reward_model, rng
-                )
+                loss, terms = generator_loss(networks, config, cond, prompts_batch, family, vae, reward_model, rng)
                 accelerator.backward(loss / gas)
                 losses.append(terms["generator_loss"])
                 for name, value in terms.items():
@@ -777,7 +747,7 @@ def main(args: argparse.Namespace) -> int:
         if args.validation_prompts and global_step % args.validation_steps == 0:
             generator = gather_unet(accelerator, networks, "generator")  # all ranks: a gather under FSDP
             if accelerator.is_main_process:
-                pipeline = build_pipeline(args, generator, tokenizers, text_encoders, vae, scheduler)
+                pipeline = build_pipeline(args, generator, family, vae)
                 paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
     progress.close()
@@ -788,22 +758,19 @@ def main(args: argparse.Namespace) -> int:
     generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
-        status = export(args, networks, generator, tokenizers, text_encoders, vae, scheduler)
+        status = export(args, networks, generator, family, vae)
     accelerator.end_training()
     return status
 
 
-def export(args, networks, generator_unet, tokenizers, text_encoders, vae, scheduler) -> int:
+def export(args, networks, generator_unet, family, vae) -> int:
     """The final folder: LoRA weights or a full pipeline, validation images, model card; optionally pushed.
 
     ``generator_unet`` holds g_θ's full weights (:func:`gather_unet`, with the EMA copied in when ``--use_ema``).
     """
-    pipeline = build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler)
+    pipeline = build_pipeline(args, generator_unet, family, vae)
     if networks.use_lora:
-        state_dict, metadata = networks.lora_state_dict("generator")
-        StableDiffusionXLPipeline.save_lora_weights(
-            args.output_dir, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
-        )
+        family.save_lora_weights(args.output_dir, *networks.lora_state_dict("generator"))
     else:
         pipeline.save_pretrained(args.output_dir)
     images = validate(args, pipeline, os.path.join(args.output_dir, "images"))

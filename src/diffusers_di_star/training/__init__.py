@@ -6,7 +6,7 @@ The accelerate loop, argparse and logging live in ``examples/train_di_star_sdxl.
 from .config import CFG_MODES, DEFAULT_LORA_TARGET_MODULES, DIVERGENCES, DIStarConfig
 from .data import load_prompts, prompt_batch
 from .models import ROLES, DIStarNetworks, RoleModule, setup_networks
-from .steps import Conditioning, assistant_loss, encode_prompts, generator_loss
+from .steps import Conditioning, SDXLConditioning, as_family, assistant_loss, encode_prompts, generator_loss
 
 __all__ = [
     "CFG_MODES",
@@ -15,8 +15,10 @@ __all__ = [
     "ROLES",
     "RoleModule",
     "Conditioning",
+    "SDXLConditioning",
     "DIStarConfig",
     "DIStarNetworks",
+    "as_family",
     "assistant_loss",
     "encode_prompts",
     "generator_loss",

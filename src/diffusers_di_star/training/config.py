@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..families.base import DEFAULT_LORA_TARGET_MODULES
 from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
 
@@ -15,9 +16,6 @@ DIVERGENCES = (*DISTANCES, "kl")
 
 #: Where classifier-free guidance enters (§4): the CFG-enhanced reference ("inner", DI*-In) or the implicit reward.
 CFG_MODES = ("inner", "reward")
-
-#: The attention projections that diffusers' SDXL LoRA examples adapt.
-DEFAULT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """The three DI* networks (docs/math.md §2) and how they share weights (docs/training.md, "LoRA").
 
-* LoRA: generator g_θ and assistant s_ψ are two peft adapters on ONE SDXL UNet and the reference s_ref is that UNet
+The networks are any family's denoiser (an SD/SDXL ``UNet2DConditionModel``, a transformer; ``families/``); "UNet"
+below means that network.
+
+* LoRA: generator g_θ and assistant s_ψ are two peft adapters on ONE network and the reference s_ref is that network
   with its adapters disabled. When the generator starts from a different full UNet (DMD2), it is a second UNet with
   its own adapter; assistant and reference still share the base.
 * Full finetuning: separate copies; the reference is frozen.
@@ -24,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -48,9 +50,9 @@ class DIStarNetworks:
     (DDP, one process) they call the bare module, so no gradient-sync hook waits on them.
     """
 
-    generator_unet: UNet2DConditionModel
-    assistant_unet: UNet2DConditionModel
-    reference_unet: UNet2DConditionModel
+    generator_unet: torch.nn.Module
+    assistant_unet: torch.nn.Module
+    reference_unet: torch.nn.Module
     generator_adapter: str | None = None
     assistant_adapter: str | None = None
     prepared: dict[str, torch.nn.Module] = field(default_factory=dict)
@@ -65,7 +67,7 @@ class DIStarNetworks:
         """LoRA's three-in-one layout: g_θ, s_ψ and s_ref are adapters (or none) on a single UNet."""
         return self.generator_unet is self.assistant_unet
 
-    def bare_unet(self, role: str) -> UNet2DConditionModel:
+    def bare_unet(self, role: str) -> torch.nn.Module:
         """The unwrapped UNet that plays ``role`` (adapters not switched)."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
@@ -74,7 +76,7 @@ class DIStarNetworks:
     def adapter(self, role: str) -> str | None:
         return {"generator": self.generator_adapter, "assistant": self.assistant_adapter}.get(role)
 
-    def activate(self, role: str) -> UNet2DConditionModel:
+    def activate(self, role: str) -> torch.nn.Module:
         """Activate ``role``'s adapter (or disable adapters for the reference) and return its bare UNet."""
         unet = self.bare_unet(role)
         if getattr(unet, "peft_config", None):
@@ -145,12 +147,12 @@ class RoleModule(torch.nn.Module):
 
 def setup_networks(
     config: DIStarConfig,
-    reference_unet: UNet2DConditionModel,
-    generator_unet: UNet2DConditionModel | None = None,
+    reference_unet: torch.nn.Module,
+    generator_unet: torch.nn.Module | None = None,
     weight_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
 ) -> DIStarNetworks:
-    """Build g_θ, s_ψ, s_ref from the reference UNet (SDXL base) and optionally a different generator init (DMD2).
+    """Build g_θ, s_ψ, s_ref from the reference network (e.g. SDXL base) and optionally a generator init (DMD2).
 
     Modifies ``reference_unet`` (and ``generator_unet``) in place: frozen weights are cast to ``weight_dtype``,
     adapters are added in float32. Without LoRA, g_θ and s_ψ are float32 copies; s_ψ always starts as s_ref (§2).

@@ -12,7 +12,7 @@ import torch
 
 from ..runtime import ModelLoadError
 
-__all__ = ["check_lora_targets", "is_hub_id", "load_unet_config", "model_error"]
+__all__ = ["check_lora_targets", "detect_model_family", "is_hub_id", "load_network_config", "model_error"]
 
 
 def is_hub_id(name: str) -> bool:
@@ -49,20 +49,32 @@ def model_error(flag: str, name: str, error: BaseException, what: str = "an SDXL
     )
 
 
-def load_unet_config(name: str, flag: str = "--pretrained_model_name_or_path", revision: str | None = None) -> dict:
-    """The config of ``name``'s ``unet`` (a few kB): proves the model is reachable before anything big loads."""
-    from diffusers import UNet2DConditionModel
+def detect_model_family(name: str, flag: str = "--pretrained_model_name_or_path", revision: str | None = None):
+    """The model family of ``name`` from its ``model_index.json`` (a few kB): proves the model is reachable before
+    anything big loads; an unknown layout names what it found and the families there are."""
+    from ..families import detect_family
 
     try:
-        return dict(UNet2DConditionModel.load_config(name, subfolder="unet", revision=revision))
+        return detect_family(name, revision=revision)
     except (OSError, ValueError) as error:
-        raise model_error(flag, name, error) from error
+        raise model_error(flag, name, error, what="a Diffusers pipeline folder") from error
 
 
-def check_lora_targets(unet_config: dict, targets: dict[str, list[str]]) -> None:
-    """Every LoRA target module name (``{flag: names}``) matches a module of the UNet, by peft's matching rule.
+def load_network_config(
+    family_class, name: str, flag: str = "--pretrained_model_name_or_path", revision: str | None = None
+) -> dict:
+    """The config of ``name``'s denoising network (``unet`` or ``transformer``, a few kB)."""
+    try:
+        return family_class.load_network_config(name, revision=revision)
+    except (OSError, ValueError) as error:
+        raise model_error(flag, name, error, what=f"a {family_class.name} pipeline folder") from error
 
-    The UNet is built on the meta device from its config: no weights are allocated or read.
+
+def check_lora_targets(network_config: dict, targets: dict[str, list[str]], network_class=None) -> None:
+    """Every LoRA target module name (``{flag: names}``) matches a module of the network, by peft's matching rule.
+
+    The network (``network_class``, default ``UNet2DConditionModel``) is built on the meta device from its config: no
+    weights are allocated or read.
     """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -70,7 +82,7 @@ def check_lora_targets(unet_config: dict, targets: dict[str, list[str]]) -> None
     from peft.tuners.tuners_utils import check_target_module_exists
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = (network_class or UNet2DConditionModel).from_config(network_config)
     names = [name for name, _ in unet.named_modules() if name]
     for flag, modules in targets.items():
         for module in modules:

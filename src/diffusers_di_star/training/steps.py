@@ -9,10 +9,11 @@ the UNet is left in the role whose parameters the loss trains.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from ..families import Conditioning, ModelFamily, SDXLFamily
+from ..families.sdxl import SDXLConditioning, encode_prompts
 from ..losses import (
     EpsPredictor,
     assistant_dsm_loss,
@@ -20,90 +21,40 @@ from ..losses import (
     implicit_cfg_reward_loss,
     kl_divergence_loss,
     reward_loss,
-    sample_timesteps,
     score_divergence_loss,
     time_weighting,
 )
-from ..one_step import decode_latents, diffuse, generate_x0, schedule_coefficients
+from ..one_step import VPSchedule, decode_latents, diffuse
 from .config import DIStarConfig
 from .models import DIStarNetworks
 
-__all__ = ["Conditioning", "encode_prompts", "assistant_loss", "generator_loss"]
-
-LATENT_CHANNELS, VAE_SCALE_FACTOR = 4, 8
+__all__ = ["Conditioning", "SDXLConditioning", "as_family", "encode_prompts", "assistant_loss", "generator_loss"]
 
 
-@dataclass
-class Conditioning:
-    """c of docs/math.md §1: SDXL prompt embeddings, pooled embeddings and micro-conditioning ``add_time_ids``."""
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    time_ids: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def unconditional(self) -> Conditioning:
-        """∅: zero prompt and pooled embeddings, same ``add_time_ids`` (SDXL's force_zeros_for_empty_prompt, DMD2)."""
-        return Conditioning(
-            torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled_prompt_embeds), self.time_ids
-        )
-
-    def cat(self, other: Conditioning) -> Conditioning:
-        return Conditioning(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
-
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids
+def as_family(family: ModelFamily | torch.Tensor) -> ModelFamily:
+    """``family``; a bare ``alphas_cumprod`` tensor (this API before families) means SDXL with ε-prediction."""
+    if isinstance(family, torch.Tensor):
+        return SDXLFamily(VPSchedule(family, "epsilon"))
+    return family
 
 
-@torch.no_grad()
-def encode_prompts(
-    prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence[torch.nn.Module], resolution: int
-) -> Conditioning:
-    """SDXL text conditioning, as ``StableDiffusionXLPipeline.encode_prompt`` computes it without CFG or clip skip.
-
-    Penultimate hidden states of both encoders concatenated, the projected pooled output of the second, and
-    ``add_time_ids = (H, W, 0, 0, H, W)`` for square ``resolution`` training images without cropping.
-    """
-    hidden_states = []
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
-        input_ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(text_encoder.device)
-        output = text_encoder(input_ids, output_hidden_states=True)
-        hidden_states.append(output.hidden_states[-2])
-        pooled = output[0]
-    prompt_embeds = torch.cat(hidden_states, dim=-1)
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=prompt_embeds.device)
-    return Conditioning(prompt_embeds, pooled, time_ids.to(prompt_embeds.dtype).repeat(len(prompts), 1))
-
-
-def _eps_predictor(networks: DIStarNetworks, role: str, timesteps: torch.Tensor, cond: Conditioning) -> EpsPredictor:
-    # ε̂(x_t, t, c) of a frozen role (the bare UNet, or the prepared unit under sharding: DIStarNetworks.unet).
+def _eps_predictor(
+    networks: DIStarNetworks, family: ModelFamily, role: str, timesteps: torch.Tensor, cond: Conditioning
+) -> EpsPredictor:
+    # ε̂(x_t, t, c) of a frozen role (the bare network, or the prepared unit under sharding: DIStarNetworks.unet).
     def eps(x_t: torch.Tensor) -> torch.Tensor:
-        unet = networks.unet(role)
-        added = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}
-        x_t = x_t.to(cond.prompt_embeds.dtype)
-        return unet(
-            x_t, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False
-        )[0]
+        return family.eps(networks.unet(role), x_t, timesteps, cond)
 
     return eps
 
 
 def _reference_predictor(
-    networks: DIStarNetworks, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
+    networks: DIStarNetworks, family: ModelFamily, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
 ) -> EpsPredictor:
     # ε̂_ref^γ (§4 Choice 2), the conditional and unconditional branches in one batch; plain ε̂_ref(x_t, c) at γ = 1.
     if guidance_scale == 1:
-        return _eps_predictor(networks, "reference", timesteps, cond)
-    both = _eps_predictor(networks, "reference", timesteps.repeat(2), cond.unconditional().cat(cond))
+        return _eps_predictor(networks, family, "reference", timesteps, cond)
+    both = _eps_predictor(networks, family, "reference", timesteps.repeat(2), cond.unconditional().cat(cond))
 
     def eps(x_t: torch.Tensor) -> torch.Tensor:
         eps_uncond, eps_cond = both(torch.cat([x_t, x_t])).chunk(2)
@@ -112,18 +63,16 @@ def _reference_predictor(
     return eps
 
 
-def _noise(cond: Conditioning, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+def _noise(family: ModelFamily, cond: Conditioning, resolution: int, generator: torch.Generator | None):
     # z ~ N(0, I) in latent shape; ``generator`` must live on the conditioning's device.
-    size = resolution // VAE_SCALE_FACTOR
-    shape = (cond.batch_size, LATENT_CHANNELS, size, size)
-    return torch.randn(shape, generator=generator, device=cond.prompt_embeds.device)
+    return torch.randn(family.latent_shape(cond.batch_size, resolution), generator=generator, device=cond.device)
 
 
-def _diffused(x0: torch.Tensor, config: DIStarConfig, alphas_cumprod: torch.Tensor, generator: torch.Generator | None):
+def _diffused(x0: torch.Tensor, config: DIStarConfig, family: ModelFamily, generator: torch.Generator | None):
     # t ~ π(t), ε ~ N(0, I), x_t = α_t x0 + σ_t ε.
-    t = sample_timesteps(x0.shape[0], config.min_timestep, config.max_timestep, generator, x0.device)
+    t = family.sample_timesteps(x0.shape[0], config, generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    alpha_t, sigma_t = schedule_coefficients(alphas_cumprod, t, x0)
+    alpha_t, sigma_t = family.coefficients(t, x0)
     return t, eps, alpha_t, sigma_t, diffuse(x0, eps, alpha_t, sigma_t)
 
 
@@ -131,26 +80,26 @@ def assistant_loss(
     networks: DIStarNetworks,
     config: DIStarConfig,
     cond: Conditioning,
-    alphas_cumprod: torch.Tensor,
+    family: ModelFamily | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Algorithm 1 step 1: ‖ε̂_ψ(x_t) − ε‖² with x0 = sg[g_θ(z, c)]; the gradient reaches ψ only."""
+    """Algorithm 1 step 1: ‖ε̂_ψ(x_t) − ε‖² with x0 = sg[g_θ(z, c)]; the gradient reaches ψ only.
+
+    ``family`` converts the networks' outputs to ε̂ and gives the schedule (:func:`as_family`).
+    """
+    family = as_family(family)
     with torch.no_grad():
-        x0 = generate_x0(
+        x0 = family.generate_x0(
             networks.unet("generator"),
-            _noise(cond, config.resolution, generator).to(cond.prompt_embeds.dtype),
-            cond.prompt_embeds,
-            {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids},
-            alphas_cumprod,
+            _noise(family, cond, config.resolution, generator),
+            cond,
             config.conditioning_timestep,
         )
-    t, eps, _, _, x_t = _diffused(x0.float(), config, alphas_cumprod, generator)
+    t, eps, _, _, x_t = _diffused(x0.float(), config, family, generator)
     assistant = networks.unet("assistant", train=True)
-    added = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}
 
     def eps_assistant(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(cond.prompt_embeds.dtype)
-        return assistant(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+        return family.eps(assistant, x, t, cond)
 
     loss = assistant_dsm_loss(x_t, eps, eps_assistant).mean()
     return loss, {"assistant_loss": loss.detach()}
@@ -161,7 +110,7 @@ def generator_loss(
     config: DIStarConfig,
     cond: Conditioning,
     prompts: Sequence[str],
-    alphas_cumprod: torch.Tensor,
+    family: ModelFamily | torch.Tensor,
     vae: torch.nn.Module | None = None,
     reward_model: torch.nn.Module | None = None,
     generator: torch.Generator | None = None,
@@ -171,13 +120,13 @@ def generator_loss(
     x0 = g_θ(z, c) keeps its graph; ψ and the reference are frozen, their inputs are not (Theorem 3.1). L_reg is the
     score divergence (eq. 3.3) or the integral KL (DI++), L_cfg the implicit CFG reward (Theorem 3.2). ``vae`` and
     ``reward_model`` are needed when ``config.reward_scale > 0``. Logs hold each term's batch mean and the reward.
+    ``family`` converts the networks' outputs to ε̂ and gives the schedule (:func:`as_family`).
     """
-    x0 = generate_x0(
+    family = as_family(family)
+    x0 = family.generate_x0(
         networks.unet("generator", train=True),
-        _noise(cond, config.resolution, generator).to(cond.prompt_embeds.dtype),
-        cond.prompt_embeds,
-        {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids},
-        alphas_cumprod,
+        _noise(family, cond, config.resolution, generator),
+        cond,
         config.conditioning_timestep,
     ).float()
     terms, logs = {}, {}
@@ -191,11 +140,11 @@ def generator_loss(
         terms["reward_loss"] = reward_loss(reward, config.reward_scale)
         logs["reward"] = reward.detach().mean()
 
-    t, eps, alpha_t, sigma_t, x_t = _diffused(x0, config, alphas_cumprod, generator)
+    t, eps, alpha_t, sigma_t, x_t = _diffused(x0, config, family, generator)
     weight = time_weighting(config.weighting, alpha_t, sigma_t)
-    eps_assistant = _eps_predictor(networks, "assistant", t, cond)
+    eps_assistant = _eps_predictor(networks, family, "assistant", t, cond)
     guidance_scale = config.guidance_scale if config.cfg_mode == "inner" else 1.0
-    eps_reference = _reference_predictor(networks, t, cond, guidance_scale)
+    eps_reference = _reference_predictor(networks, family, t, cond, guidance_scale)
     if config.divergence == "kl":
         terms["kl_loss"] = kl_divergence_loss(x_t, sigma_t, eps_assistant, eps_reference, weight)
     else:
@@ -203,8 +152,8 @@ def generator_loss(
             networks, x_t, eps, sigma_t, eps_assistant, eps_reference, weight, config
         )
     if config.cfg_mode == "reward" and config.cfg_reward_scale > 0:
-        eps_uncond = _eps_predictor(networks, "reference", t, cond.unconditional())
-        eps_cond = _eps_predictor(networks, "reference", t, cond)
+        eps_uncond = _eps_predictor(networks, family, "reference", t, cond.unconditional())
+        eps_cond = _eps_predictor(networks, family, "reference", t, cond)
         terms["cfg_reward_loss"] = implicit_cfg_reward_loss(
             x_t, sigma_t, eps_cond, eps_uncond, config.cfg_reward_scale, weight
         )

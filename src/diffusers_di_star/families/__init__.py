@@ -1,0 +1,52 @@
+"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v) and SD1.5/2.x (ε, v).
+
+:func:`family_for` picks the family of a Diffusers folder or Hub id from its ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
+from .sdxl import SDXLConditioning, SDXLFamily
+
+__all__ = [
+    "DEFAULT_LORA_TARGET_MODULES",
+    "FAMILIES",
+    "Conditioning",
+    "ModelFamily",
+    "SDXLConditioning",
+    "SDXLFamily",
+    "detect_family",
+    "family_for",
+    "read_model_index",
+]
+
+#: Every family by name.
+FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily,)}
+
+
+def read_model_index(name: str, revision: str | None = None) -> dict:
+    """``model_index.json`` of a Diffusers folder or Hub id (raises ``OSError`` as ``from_pretrained`` would)."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(name, revision=revision))
+
+
+def family_for(model_index: dict, name: str) -> type[ModelFamily]:
+    """The family whose pipeline class ``model_index["_class_name"]`` names; an unknown layout raises one line."""
+    from ..runtime import ModelLoadError
+
+    class_name = model_index.get("_class_name")
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_class_names:
+            return family
+    components = sorted(k for k, v in model_index.items() if not k.startswith("_") and isinstance(v, list | tuple))
+    known = "; ".join(f"{family.name} ({', '.join(family.pipeline_class_names)})" for family in FAMILIES.values())
+    raise ModelLoadError(
+        f"{name!r} is a {class_name or 'pipeline without a _class_name'} folder (components: "
+        f"{', '.join(components) or 'none'}), which no DI* model family reads. Families: {known}."
+    )
+
+
+def detect_family(name: str, revision: str | None = None) -> type[ModelFamily]:
+    """:func:`family_for` of :func:`read_model_index`."""
+    return family_for(read_model_index(name, revision), name)
