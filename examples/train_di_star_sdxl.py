@@ -37,7 +37,6 @@ from diffusers.training_utils import EMAModel
 from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.runtime import ModelLoadError
@@ -598,7 +597,7 @@ def main(args: argparse.Namespace) -> int:
     reference_unet = family.load_network(args.pretrained_model_name_or_path, args.revision, args.variant)
     generator_unet = None
     if args.pretrained_generator is not None:
-        generator_unet = load_generator_unet(
+        generator_unet = family.load_generator(
             args.pretrained_generator,
             base_model=args.pretrained_model_name_or_path,
             weight_name=args.pretrained_generator_weight_name,

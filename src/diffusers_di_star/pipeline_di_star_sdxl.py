@@ -74,6 +74,20 @@ _WHY_IGNORED = {
 _NO_CFG = "one-step DI* generators do not use classifier-free guidance (it is distilled into the generator)"
 
 
+def as_lcm_scheduler(scheduler):
+    """``scheduler`` as an `LCMScheduler` with the same betas (hence ᾱ) and `prediction_type`; None and LCM pass.
+
+    A saved one-step folder then runs in plain diffusers with `timesteps=[t*]`.
+    """
+    if scheduler is None or isinstance(scheduler, LCMScheduler):
+        return scheduler
+    # Drop the other scheduler's own options quietly, but keep the private keys: `_use_default_values` lets LCM keep
+    # its defaults (e.g. clip_sample=False).
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in scheduler.config.items() if k in accepted or k.startswith("_")}
+    return LCMScheduler.from_config(config)
+
+
 @dataclass
 class DIStarSDXLPipelineOutput(BaseOutput):
     """Output of [`DIStarSDXLPipeline`].
@@ -104,10 +118,11 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         text_encoder ([`~transformers.CLIPTextModel`]): SDXL's CLIP ViT-L text encoder.
         text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`]): SDXL's OpenCLIP bigG text encoder.
         tokenizer ([`~transformers.CLIPTokenizer`]), tokenizer_2 ([`~transformers.CLIPTokenizer`]): their tokenizers.
-        unet ([`UNet2DConditionModel`]): the one-step generator g_θ (ε-prediction).
-        scheduler ([`SchedulerMixin`]): only its training schedule (`alphas_cumprod`) is used. Any SDXL scheduler is
-            converted to an `LCMScheduler` with the same betas, so that a saved folder runs in plain diffusers with
-            `timesteps=[t*]`.
+        unet ([`UNet2DConditionModel`]): the one-step generator g_θ, ε- or v-prediction (SDXL v-pred finetunes) as
+            the scheduler's `prediction_type` says.
+        scheduler ([`SchedulerMixin`]): only its training schedule (`alphas_cumprod`) and `prediction_type` are
+            used. Any SDXL scheduler is converted to an `LCMScheduler` with the same betas (`as_lcm_scheduler`), so
+            that a saved folder runs in plain diffusers with `timesteps=[t*]`.
         force_zeros_for_empty_prompt (`bool`, defaults to `True`): as in `StableDiffusionXLPipeline`.
         add_watermarker (`bool`, *optional*): as in `StableDiffusionXLPipeline`.
         conditioning_timestep (`int`, defaults to 399): t*, the timestep the generator is conditioned on. Stored in
@@ -129,12 +144,7 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         add_watermarker: bool | None = None,
         conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     ):
-        if scheduler is not None and not isinstance(scheduler, LCMScheduler):
-            # Same betas, hence the same alphas_cumprod. Drop the other scheduler's own options quietly, but keep
-            # the private keys: `_use_default_values` lets LCM keep its defaults (e.g. clip_sample=False).
-            accepted = inspect.signature(LCMScheduler.__init__).parameters
-            config = {k: v for k, v in scheduler.config.items() if k in accepted or k.startswith("_")}
-            scheduler = LCMScheduler.from_config(config)
+        scheduler = as_lcm_scheduler(scheduler)
         super().__init__(
             vae=vae,
             text_encoder=text_encoder,
@@ -515,6 +525,7 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             self.scheduler.alphas_cumprod,
             conditioning_timestep,
             cross_attention_kwargs=cross_attention_kwargs,
+            prediction_type=self.scheduler.config.prediction_type,
         ).to(prompt_embeds.dtype)
 
         if callback_on_step_end is not None:

@@ -29,14 +29,16 @@ def default_dtype(device: str) -> str:
 
 
 def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, variant: str | None = None):
-    """``DIStarSDXLPipeline.from_pretrained(model)`` on ``device``; a missing model raises :class:`ModelLoadError`."""
-    from .pipeline_di_star_sdxl import DIStarSDXLPipeline
+    """The one-step pipeline of ``model``'s family (``DIStarSDXLPipeline``, ``DIStarSDPipeline``; picked from its
+    ``model_index.json``) on ``device``; a missing model or an unknown layout raises :class:`ModelLoadError`."""
+    from .families import detect_family
 
     is_local = os.path.isdir(model)
     if not is_local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
         raise ModelLoadError(f"--model {model!r} is neither a local folder nor a Hub id ('owner/name' or a path).")
     try:
-        pipe = DIStarSDXLPipeline.from_pretrained(model, dtype=DTYPES[dtype], variant=variant)
+        pipeline_class = detect_family(model).pipeline_class()
+        pipe = pipeline_class.from_pretrained(model, dtype=DTYPES[dtype], variant=variant)
     except (OSError, ValueError) as err:
         if is_local:
             raise ModelLoadError(f"could not load the pipeline folder {model!r}: {err}") from err
@@ -44,7 +46,7 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
             f"could not load {model!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
             f"(or HF_HUB_OFFLINE is set). Download it on a connected machine with "
             f"`huggingface-cli download {model}` (then copy the cache or the folder here), "
-            f"or pass --model /path/to/an/sdxl-layout/folder."
+            f"or pass --model /path/to/a/diffusers/pipeline/folder."
         ) from err
     # diffusers warns once per module that fp16 "cannot run" on a CPU and "will fail"; with torch 2.13 it runs (tested
     # by test_cli: generate --dtype fp16 --device cpu), so the four identical lines would only mislead.

@@ -3,7 +3,8 @@
 Every piece has the real SDXL layout (two CLIP text encoders with a CLIP BPE tokenizer each, a UNet with
 ``addition_embed_type="text_time"``, an ``AutoencoderKL`` with a down-sampling factor of 8 and SDXL's scheduler)
 but only a few thousand parameters, so a whole pipeline builds, saves and generates a 64×64 image in well under a
-second on a CPU. Nothing is downloaded: the tokenizers are trained here with the ``tokenizers`` library.
+second on a CPU. Nothing is downloaded: the tokenizers are trained here with the ``tokenizers`` library. The tiny
+SD1.5/2.x (:func:`get_tiny_sd_components`) has one text encoder and no added conditioning.
 
 >>> from diffusers_di_star.testing import get_tiny_sdxl_components, save_tiny_sdxl_pipeline
 >>> components = get_tiny_sdxl_components(seed=0)          # dict for StableDiffusionXLPipeline(**components)
@@ -16,7 +17,14 @@ import os
 from collections import Counter
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -29,6 +37,10 @@ __all__ = [
     "get_sdxl_scheduler",
     "get_tiny_sdxl_components",
     "save_tiny_sdxl_pipeline",
+    "get_tiny_sd_unet",
+    "get_sd_scheduler",
+    "get_tiny_sd_components",
+    "save_tiny_sd_pipeline",
 ]
 
 #: Prompts used to train the tiny tokenizer; also handy as test prompts.
@@ -146,6 +158,24 @@ def get_tiny_unet(
     """An SDXL-layout UNet (``text_time`` added conditioning, cross-attention over both text encoders)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
+        **_tiny_unet_blocks(sample_size, block_out_channels),
+        cross_attention_dim=sum(TEXT_HIDDEN_SIZES),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_HIDDEN_SIZES[1],
+    ).eval()
+
+
+def get_tiny_sd_unet(seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    """An SD1.5/2.x-layout UNet: cross-attention over one text encoder, no added conditioning."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        **_tiny_unet_blocks(sample_size, (32, 64)), cross_attention_dim=TEXT_HIDDEN_SIZES[0]
+    ).eval()
+
+
+def _tiny_unet_blocks(sample_size: int, block_out_channels: tuple[int, int]) -> dict:
+    return dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -157,15 +187,12 @@ def get_tiny_unet(
         transformer_layers_per_block=(1, 1),
         use_linear_projection=True,
         norm_num_groups=16,
-        cross_attention_dim=sum(TEXT_HIDDEN_SIZES),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_HIDDEN_SIZES[1],
-    ).eval()
+    )
 
 
-def get_tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """An ``AutoencoderKL`` with SDXL's latent layout: 4 channels, down-sampling factor 8, scaling factor 0.13025."""
+def get_tiny_vae(seed: int = 0, scaling_factor: float = 0.13025) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with SDXL's latent layout: 4 channels, down-sampling factor 8, scaling factor 0.13025
+    (SD1.5/2.x: pass 0.18215)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -177,28 +204,32 @@ def get_tiny_vae(seed: int = 0) -> AutoencoderKL:
         norm_num_groups=8,
         latent_channels=4,
         sample_size=64,
-        scaling_factor=0.13025,
+        scaling_factor=scaling_factor,
         force_upcast=True,
     ).eval()
 
 
-def get_sdxl_scheduler() -> EulerDiscreteScheduler:
-    """SDXL base's scheduler config (scaled-linear betas 0.00085 → 0.012 over 1000 steps, epsilon prediction)."""
+def get_sdxl_scheduler(prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
+    """SDXL base's scheduler config (scaled-linear betas 0.00085 → 0.012 over 1000 steps, epsilon prediction).
+
+    ``prediction_type="v_prediction"`` gives the config of an SDXL v-prediction finetune (same schedule).
+    """
     return EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         steps_offset=1,
         timestep_spacing="leading",
     )
 
 
-def get_tiny_sdxl_components(seed: int = 0) -> dict:
+def get_tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
     """All components of a tiny SDXL, as keyword arguments of ``StableDiffusionXLPipeline`` (or ours).
 
-    Deterministic: the same ``seed`` gives bit-identical weights and tokenizers.
+    Deterministic: the same ``seed`` gives bit-identical weights and tokenizers. ``prediction_type`` is the
+    scheduler's (``"v_prediction"`` for a tiny SDXL v-pred finetune; the random UNet is the same).
     """
     tokenizer = get_tiny_tokenizer()
     tokenizer_2 = get_tiny_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
@@ -210,16 +241,55 @@ def get_tiny_sdxl_components(seed: int = 0) -> dict:
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "unet": get_tiny_unet(seed),
-        "scheduler": get_sdxl_scheduler(),
+        "scheduler": get_sdxl_scheduler(prediction_type),
     }
 
 
-def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0) -> str:
+def get_sd_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler:
+    """SD1.5's scheduler config (the SDXL betas, PNDM); ``prediction_type="v_prediction"`` as SD2.x-768."""
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def get_tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """All components of a tiny SD1.5 (ε) or SD2.x-v (``prediction_type="v_prediction"``), as keyword arguments of
+    ``StableDiffusionPipeline`` (or ``DIStarSDPipeline``): one CLIP text encoder (hidden 32), no safety checker.
+    Deterministic in ``seed``."""
+    tokenizer = get_tiny_tokenizer()
+    text_encoder = get_tiny_text_encoders(len(tokenizer), tokenizer.eos_token_id, seed=seed)[0]
+    return {
+        "vae": get_tiny_vae(seed, scaling_factor=0.18215),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": get_tiny_sd_unet(seed),
+        "scheduler": get_sd_scheduler(prediction_type),
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def save_tiny_sd_pipeline(path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """Save a complete SD1.5-layout (or SD2.x-v) pipeline folder, loadable by ``StableDiffusionPipeline`` and
+    ``DIStarSDPipeline``. Returns the path."""
+    pipe = StableDiffusionPipeline(**get_tiny_sd_components(seed, prediction_type), requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return os.fspath(path)
+
+
+def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon") -> str:
     """Save a complete SDXL-layout pipeline folder (``model_index.json`` + one subfolder per component).
 
     The folder is what ``stabilityai/stable-diffusion-xl-base-1.0`` looks like on the Hub, in miniature, and loads
     with ``StableDiffusionXLPipeline.from_pretrained`` and ``DIStarSDXLPipeline.from_pretrained``. Returns the path.
     """
-    pipe = StableDiffusionXLPipeline(**get_tiny_sdxl_components(seed), add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(**get_tiny_sdxl_components(seed, prediction_type), add_watermarker=False)
     pipe.save_pretrained(path)
     return os.fspath(path)

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..families import FAMILIES
 from ..rewards import WeightedSumReward, load_reward
 from ..runtime import DTYPES, default_device, load_pipeline
 from .prompts import Prompt, PromptSet
@@ -128,12 +129,14 @@ def _safe_name(text: str) -> str:
 
 
 def load_model(spec: ModelSpec, device: str | None = None):
-    """Load ``spec.model`` as :class:`DIStarSDXLPipeline` or, for ``steps > 1``, as SDXL with its Euler sampler."""
+    """Load ``spec.model`` as its family's one-step pipeline (e.g. :class:`DIStarSDXLPipeline`) or, for
+    ``steps > 1``, as the family's diffusers pipeline (e.g. SDXL) with an Euler sampler."""
     pipe = load_pipeline(spec.model, dtype=spec.dtype, device=device, variant=spec.variant)
     if spec.steps > 1:
         # Our pipeline keeps only the training schedule (as an LCMScheduler); SDXL base samples with Euler.
         scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe = StableDiffusionXLPipeline.from_pipe(pipe, scheduler=scheduler)
+        family = next(family for family in FAMILIES.values() if isinstance(pipe, family.pipeline_class()))
+        pipe = family.base_pipeline_class().from_pipe(pipe, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -11,7 +11,7 @@ import inspect
 import os
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from .. import __version__
@@ -42,7 +42,7 @@ from .lora import (
     lora_metadata,
     peft_lora_to_kohya,
 )
-from .sdxl_keys import UNET_PREFIX
+from .sdxl_keys import UNET_PREFIX, V_PRED_KEY
 from .single_file import sdxl_checkpoint_state_dict, sdxl_components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [
@@ -58,6 +58,8 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 #: ``export_comfyui_unet(unet_keys=...)``: the key prefix of each UNet-only layout.
 UNET_KEY_LAYOUTS = {"comfyui": "", "single-file": UNET_PREFIX}
 _SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+#: ``scheduler.config.prediction_type`` -> SAI ModelSpec's ``modelspec.prediction_type``: what a single file can say.
+_MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 def _model_metadata(out_path, source, conditioning_timestep: int, architecture: str = _SDXL_ARCHITECTURE) -> dict:
@@ -75,6 +77,34 @@ def _model_metadata(out_path, source, conditioning_timestep: int, architecture: 
     if isinstance(source, str) and not os.path.exists(source):
         metadata["di_star.source"] = source
     return metadata
+
+
+def _prediction_type(model, prediction_type: str | None) -> str:
+    """``prediction_type``, else the scheduler's of a pipeline (object, dict or folder / Hub id), else "epsilon": a
+    UNet alone (a DMD2 ``.bin``, a UNet folder) does not record it, so pass ``prediction_type`` for a v one."""
+    if prediction_type is None:
+        scheduler = model.get("scheduler") if isinstance(model, dict) else getattr(model, "scheduler", None)
+        if scheduler is not None:
+            prediction_type = scheduler.config.prediction_type
+        elif isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
+            try:
+                prediction_type = DDPMScheduler.load_config(os.fspath(model), subfolder="scheduler")["prediction_type"]
+            except (OSError, ValueError, KeyError):
+                prediction_type = "epsilon"
+        else:
+            prediction_type = "epsilon"
+    if prediction_type not in _MODELSPEC_PREDICTION_TYPES:
+        raise ExportError(
+            f"prediction type {prediction_type!r}: an SDXL single file can say {sorted(_MODELSPEC_PREDICTION_TYPES)}."
+        )
+    return prediction_type
+
+
+def _mark_prediction_type(state_dict: dict, metadata: dict, prediction_type: str) -> None:
+    # ComfyUI reads v-prediction from the V_PRED_KEY marker; A1111/Forge and kohya from the ModelSpec field.
+    metadata["modelspec.prediction_type"] = _MODELSPEC_PREDICTION_TYPES[prediction_type]
+    if prediction_type == "v_prediction":
+        state_dict[V_PRED_KEY] = torch.tensor([])
 
 
 def _check_timestep(conditioning_timestep) -> None:
@@ -103,21 +133,25 @@ def export_comfyui_checkpoint(
     *,
     variant: str | None = None,
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
+    prediction_type: str | None = None,
     overwrite: bool = False,
 ) -> str:
     """Write a full SDXL single-file checkpoint (ComfyUI "Load Checkpoint", A1111/Forge ``models/Stable-diffusion``).
 
     ``model``: a Diffusers SDXL pipeline folder or Hub id, a pipeline object, or a dict of its components. Returns
-    the absolute path of the ``.safetensors`` file written.
+    the absolute path of the ``.safetensors`` file written. A v-prediction model (``prediction_type``, default the
+    scheduler's) gets ComfyUI's ``v_pred`` marker and ``modelspec.prediction_type = "v"``.
     """
     check_output_free(out_path, overwrite)
     _check_timestep(conditioning_timestep)
+    prediction_type = _prediction_type(model, prediction_type)
     torch_dtype = resolve_dtype(dtype)
     components = _sdxl_components(model, torch_dtype, variant)
     state_dict = cast_floating(sdxl_checkpoint_state_dict(components), torch_dtype)
     unet, vae = components["unet"], components["vae"]
     side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     metadata = _model_metadata(out_path, model, conditioning_timestep) | {"modelspec.resolution": f"{side}x{side}"}
+    _mark_prediction_type(state_dict, metadata, prediction_type)
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
 
@@ -132,6 +166,7 @@ def export_comfyui_unet(
     variant: str | None = None,
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     unet_keys: str = "comfyui",
+    prediction_type: str | None = None,
     overwrite: bool = False,
 ) -> str:
     """Write the UNet alone (ComfyUI "Load Diffusion Model" / "UNETLoader", ``models/unet``).
@@ -142,10 +177,13 @@ def export_comfyui_unet(
     ComfyUI UNet loader reads (the old ``load_unet_state_dict`` accepts only these or Diffusers names; the newer
     ``load_diffusion_model_state_dict`` strips a ``model.diffusion_model.`` prefix if there is one);
     ``"single-file"`` keeps the ``model.diffusion_model.`` prefix, which Diffusers'
-    ``UNet2DConditionModel.from_single_file`` needs and only the newer ComfyUI loader reads.
+    ``UNet2DConditionModel.from_single_file`` needs and only the newer ComfyUI loader reads. ``prediction_type``
+    (default: the scheduler's when ``model`` is a pipeline, else ``"epsilon"``) is marked as in
+    :func:`export_comfyui_checkpoint`.
     """
     check_output_free(out_path, overwrite)
     _check_timestep(conditioning_timestep)
+    prediction_type = _prediction_type(model, prediction_type)
     if unet_keys not in UNET_KEY_LAYOUTS:
         raise ExportError(
             f"unknown UNet key layout {unet_keys!r} (--unet-keys): use 'comfyui' (any ComfyUI version) or "
@@ -160,6 +198,7 @@ def export_comfyui_unet(
     if unet_keys == "comfyui":
         state_dict = {key.removeprefix(UNET_PREFIX): value for key, value in state_dict.items()}
     metadata = _model_metadata(out_path, model, conditioning_timestep) | {"di_star.component": "unet"}
+    _mark_prediction_type(state_dict, metadata, prediction_type)
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
 
@@ -250,7 +289,8 @@ def _single_file(model: str, weight_name: str | None) -> str:
 
 
 def _save_pipeline(path: str, base_model: str | None, torch_dtype, out_path, overwrite: bool) -> str:
-    components = sdxl_components_from_checkpoint(load_state_dict_file(path), base_model, torch_dtype)
+    checkpoint = load_state_dict_file(path)
+    components = sdxl_components_from_checkpoint(checkpoint, base_model, torch_dtype)
     source = base_model or SDXL_BASE_MODEL_ID  # tokenizers and scheduler are not in a single file
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(source, **components, add_watermarker=False)
@@ -259,6 +299,8 @@ def _save_pipeline(path: str, base_model: str | None, torch_dtype, out_path, ove
             f"could not load the tokenizers and scheduler from {source!r} ({err}); pass --base-model with a local "
             f"Diffusers SDXL folder."
         ) from err
+    if V_PRED_KEY in checkpoint:
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")
     return atomic_write(out_path, pipe.save_pretrained, overwrite, is_dir=True)
 
 

@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..configs import load_sdxl_config
 from .files import ExportError, cast_floating, load_state_dict_file
-from .sdxl_keys import UNET_PREFIX, check_sdxl_unet_config, unet_from_original
+from .sdxl_keys import UNET_PREFIX, V_PRED_KEY, check_sdxl_unet_config, unet_from_original
 
 __all__ = [
     "SDXL_BASE_MODEL_ID",
@@ -255,6 +255,7 @@ def _unet_from_file(path: str, base_model: str | None, torch_dtype: torch.dtype 
     unet = build_empty_component("unet", base_model, config=config)
     _check_sdxl_unet(unet.config, path)
     state_dict = load_state_dict_file(path)
+    state_dict.pop(V_PRED_KEY, None)  # a marker, not a weight (the prediction type lives in a scheduler config)
     kind = checkpoint_kind(state_dict)
     if kind == "unet-original" and not any(k.startswith(UNET_PREFIX) for k in state_dict):
         state_dict = {UNET_PREFIX + k: v for k, v in state_dict.items()}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "V_PRED_KEY",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "CLIP_L_PREFIX",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 UNET_PREFIX = "model.diffusion_model."
+#: How a single file says "v-prediction": an empty tensor under this top-level key. ComfyUI's SDXL model detection
+#: (``supported_models.SDXL.model_type``) reads it, and kohya's sd-scripts write it for v-parameterised SDXL.
+V_PRED_KEY = "v_pred"
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."

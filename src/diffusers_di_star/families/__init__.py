@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
+from .sd import SDConditioning, SDFamily
 from .sdxl import SDXLConditioning, SDXLFamily
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "FAMILIES",
     "Conditioning",
     "ModelFamily",
+    "SDConditioning",
+    "SDFamily",
     "SDXLConditioning",
     "SDXLFamily",
     "detect_family",
@@ -21,7 +24,7 @@ __all__ = [
 ]
 
 #: Every family by name.
-FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily,)}
+FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily)}
 
 
 def read_model_index(name: str, revision: str | None = None) -> dict:

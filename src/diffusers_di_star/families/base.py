@@ -153,6 +153,23 @@ class ModelFamily:
         )
 
     @classmethod
+    def load_generator(
+        cls, name: str, base_model: str | None = None, weight_name: str | None = None, variant: str | None = None
+    ) -> torch.nn.Module:
+        """A generator init (``--pretrained_generator``): here a Diffusers pipeline folder or Hub id (its network
+        subfolder) or a network folder; a family that reads more layouts (SDXL: DMD2 files) overrides this."""
+        import os
+
+        if weight_name is not None:
+            raise ValueError(
+                f"--pretrained_generator_weight_name: the {cls.name} family loads a generator from a Diffusers folder "
+                "or Hub id only; convert the file first (`di-star export --format diffusers`)."
+            )
+        is_network_folder = os.path.isfile(os.path.join(name, "config.json"))
+        subfolder = None if is_network_folder else cls.network_subfolder
+        return cls.network_class().from_pretrained(name, subfolder=subfolder, variant=variant)
+
+    @classmethod
     def load_network_config(cls, name: str, revision: str | None = None) -> dict:
         """The network's config (a few kB), e.g. to check LoRA targets on the meta device."""
         return dict(cls.network_class().load_config(name, subfolder=cls.network_subfolder, revision=revision))

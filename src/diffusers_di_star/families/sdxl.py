@@ -116,6 +116,15 @@ class SDXLFamily(ModelFamily):
         ]
         return tokenizers, text_encoders
 
+    @classmethod
+    def load_generator(
+        cls, name: str, base_model: str | None = None, weight_name: str | None = None, variant: str | None = None
+    ):
+        """Any published SDXL generator layout (DMD2 ``.bin``, single files, folders; :func:`load_generator_unet`)."""
+        from ..export import load_generator_unet
+
+        return load_generator_unet(name, base_model=base_model, weight_name=weight_name, variant=variant)
+
     def encode(self, prompts: Sequence[str], resolution: int) -> SDXLConditioning:
         return encode_prompts(prompts, self.tokenizers, self.text_encoders, resolution)
 

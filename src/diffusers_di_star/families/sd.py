@@ -1,0 +1,110 @@
+"""SD1.5 and SD2.x (ε- or v-prediction UNet, one CLIP text encoder, no added conditioning; docs/math.md §11).
+
+As DMD2 runs SD1.5 through its SDXL code path, only the conditioning differs: the UNet sees the text encoder's last
+hidden states, and ∅ is the encoding of the empty prompt (what ``StableDiffusionPipeline`` uses for CFG).
+SD1.5 is ``epsilon``; SD2.x-768 (e.g. SD2.1) is ``v_prediction``; both are read from the scheduler config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .base import ModelFamily
+
+__all__ = ["SDConditioning", "SDFamily", "encode_sd_prompts"]
+
+
+@dataclass
+class SDConditioning:
+    """c: the prompts' text-encoder hidden states ``[B, 77, D]``; ∅: the empty prompt's, one row per sample."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeds.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+    def unconditional(self) -> SDConditioning:
+        return SDConditioning(self.negative_prompt_embeds, self.negative_prompt_embeds)
+
+    def cat(self, other: SDConditioning) -> SDConditioning:
+        return SDConditioning(
+            torch.cat([self.prompt_embeds, other.prompt_embeds]),
+            torch.cat([self.negative_prompt_embeds, other.negative_prompt_embeds]),
+        )
+
+    def network_kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.prompt_embeds}
+
+
+@torch.no_grad()
+def encode_sd_prompts(prompts: Sequence[str], tokenizer, text_encoder: torch.nn.Module) -> SDConditioning:
+    """As ``StableDiffusionPipeline.encode_prompt`` without clip skip: the last hidden states of the prompts and of
+    "" (∅), padded to the tokenizer's length; one text-encoder call."""
+    input_ids = tokenizer(
+        [*prompts, ""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    embeds = text_encoder(input_ids)[0]
+    return SDConditioning(embeds[:-1], embeds[-1:].expand(len(prompts), -1, -1))
+
+
+class SDFamily(ModelFamily):
+    """SD1.x and SD2.x folders (``StableDiffusionPipeline``), ε or v."""
+
+    name = "sd"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+
+    @classmethod
+    def network_class(cls):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    @classmethod
+    def pipeline_class(cls):
+        from ..pipeline_di_star_sd import DIStarSDPipeline
+
+        return DIStarSDPipeline
+
+    @classmethod
+    def base_pipeline_class(cls):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    @classmethod
+    def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(
+            name, subfolder="text_encoder", revision=revision, variant=variant
+        )
+        return [tokenizer], [text_encoder]
+
+    def encode(self, prompts: Sequence[str], resolution: int) -> SDConditioning:
+        return encode_sd_prompts(prompts, self.tokenizers[0], self.text_encoders[0])
+
+    def pipeline_kwargs(self) -> dict:
+        return {
+            "text_encoder": self.text_encoders[0],
+            "tokenizer": self.tokenizers[0],
+            "safety_checker": None,
+            "feature_extractor": None,
+        }
