@@ -296,7 +296,8 @@ def generate_x0(
 def decode_latents(vae: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
     """Pixels in [−1, 1] from latents: ``vae.decode(x0 / scaling_factor)`` (docs/math.md §1).
 
-    Honours ``latents_mean``/``latents_std`` when the VAE config has them, as diffusers' SDXL pipeline does.
+    Honours ``latents_mean``/``latents_std`` when the VAE config has them, as diffusers' SDXL pipeline does, and
+    ``shift_factor`` (SD3, FLUX: ``x0 / scaling_factor + shift_factor``) as diffusers' SD3 pipeline does.
     Gradients flow to ``x0``; dtype handling (fp16 upcast) is the caller's.
     """
     config = vae.config
@@ -307,4 +308,6 @@ def decode_latents(vae: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
         x0 = x0 * std / config.scaling_factor + mean
     else:
         x0 = x0 / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            x0 = x0 + config.shift_factor
     return vae.decode(x0, return_dict=False)[0]

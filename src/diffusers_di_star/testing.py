@@ -4,7 +4,8 @@ Every piece has the real SDXL layout (two CLIP text encoders with a CLIP BPE tok
 ``addition_embed_type="text_time"``, an ``AutoencoderKL`` with a down-sampling factor of 8 and SDXL's scheduler)
 but only a few thousand parameters, so a whole pipeline builds, saves and generates a 64×64 image in well under a
 second on a CPU. Nothing is downloaded: the tokenizers are trained here with the ``tokenizers`` library. The tiny
-SD1.5/2.x (:func:`get_tiny_sd_components`) has one text encoder and no added conditioning.
+SD1.5/2.x (:func:`get_tiny_sd_components`) has one text encoder and no added conditioning; the tiny SD3 / SD3.5
+(:func:`get_tiny_sd3_components`) a flow-matching ``SD3Transformer2DModel``, CLIP-L, CLIP-G and an optional T5.
 
 >>> from diffusers_di_star.testing import get_tiny_sdxl_components, save_tiny_sdxl_pipeline
 >>> components = get_tiny_sdxl_components(seed=0)          # dict for StableDiffusionXLPipeline(**components)
@@ -20,13 +21,24 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import Regex, normalizers, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 __all__ = [
     "TINY_PROMPTS",
@@ -41,6 +53,11 @@ __all__ = [
     "get_sd_scheduler",
     "get_tiny_sd_components",
     "save_tiny_sd_pipeline",
+    "get_tiny_t5_tokenizer",
+    "get_tiny_sd3_transformer",
+    "get_sd3_scheduler",
+    "get_tiny_sd3_components",
+    "save_tiny_sd3_pipeline",
 ]
 
 #: Prompts used to train the tiny tokenizer; also handy as test prompts.
@@ -135,21 +152,24 @@ def get_tiny_text_encoders(vocab_size: int, eos_token_id: int, seed: int = 0):
     encoders = []
     for cls, hidden_size in zip((CLIPTextModel, CLIPTextModelWithProjection), TEXT_HIDDEN_SIZES, strict=True):
         torch.manual_seed(seed)
-        config = CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            projection_dim=TEXT_HIDDEN_SIZES[1],
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=0,
-            eos_token_id=eos_token_id,
-            pad_token_id=1,
-        )
-        encoders.append(cls(config).eval())
+        encoders.append(cls(_tiny_clip_config(vocab_size, hidden_size, TEXT_HIDDEN_SIZES[1], eos_token_id)).eval())
     return tuple(encoders)
+
+
+def _tiny_clip_config(vocab_size: int, hidden_size: int, projection_dim: int, eos_token_id: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=projection_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=1,
+    )
 
 
 def get_tiny_unet(
@@ -190,9 +210,11 @@ def _tiny_unet_blocks(sample_size: int, block_out_channels: tuple[int, int]) -> 
     )
 
 
-def get_tiny_vae(seed: int = 0, scaling_factor: float = 0.13025) -> AutoencoderKL:
+def get_tiny_vae(
+    seed: int = 0, scaling_factor: float = 0.13025, latent_channels: int = 4, shift_factor: float | None = None
+) -> AutoencoderKL:
     """An ``AutoencoderKL`` with SDXL's latent layout: 4 channels, down-sampling factor 8, scaling factor 0.13025
-    (SD1.5/2.x: pass 0.18215)."""
+    (SD1.5/2.x: pass 0.18215). A ``shift_factor`` gives SD3's layout (16 channels, no quant convs)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -202,9 +224,12 @@ def get_tiny_vae(seed: int = 0, scaling_factor: float = 0.13025) -> AutoencoderK
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
         norm_num_groups=8,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=64,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None,
         force_upcast=True,
     ).eval()
 
@@ -292,4 +317,93 @@ def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0, prediction_t
     """
     pipe = StableDiffusionXLPipeline(**get_tiny_sdxl_components(seed, prediction_type), add_watermarker=False)
     pipe.save_pretrained(path)
+    return os.fspath(path)
+
+
+# ---- SD3 / SD3.5 (flow matching) --------------------------------------------------------------------------------
+
+#: Widths of the tiny SD3's text encoders: CLIP-L and CLIP-G stand-ins (pooled: both projections, 32 + 64) and the
+#: T5 stand-in, whose width is the transformer's ``joint_attention_dim`` (as T5-XXL's 4096 is SD3's).
+SD3_CLIP_HIDDEN_SIZES = (32, 64)
+SD3_JOINT_ATTENTION_DIM = 96
+
+
+def get_tiny_t5_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer built here: the words of :data:`TINY_PROMPTS` and every printable ASCII character."""
+    import string
+
+    words = sorted({word for prompt in TINY_PROMPTS for word in prompt.replace(",", " ,").split()})
+    chars = sorted(set(string.printable.strip()))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in words] + [(char, -5.0) for char in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def get_tiny_sd3_transformer(seed: int = 0, sample_size: int = 8) -> SD3Transformer2DModel:
+    """An SD3.5-Medium-layout transformer (patch 2, 16 latent channels, a dual-attention first block, RMS q/k norm)."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=SD3_JOINT_ATTENTION_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=sum(SD3_CLIP_HIDDEN_SIZES),
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ).eval()
+
+
+def get_sd3_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
+    """SD3 / SD3.5's scheduler config: rectified flow over 1000 training timesteps, σ shifted by 3.0."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def get_tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
+    """All components of a tiny SD3 / SD3.5, as keyword arguments of ``StableDiffusion3Pipeline`` (or
+    ``DIStarSD3Pipeline``); ``with_t5=False`` leaves ``text_encoder_3`` and ``tokenizer_3`` out, as diffusers allows.
+    Deterministic in ``seed``."""
+    tokenizer = get_tiny_tokenizer()
+    tokenizer_2 = get_tiny_tokenizer(pad_token="!")
+    text_encoders = []
+    for hidden_size in SD3_CLIP_HIDDEN_SIZES:
+        torch.manual_seed(seed)
+        config = _tiny_clip_config(len(tokenizer), hidden_size, hidden_size, tokenizer.eos_token_id)
+        text_encoders.append(CLIPTextModelWithProjection(config).eval())
+    tokenizer_3 = text_encoder_3 = None
+    if with_t5:
+        tokenizer_3 = get_tiny_t5_tokenizer()
+        torch.manual_seed(seed)
+        config = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=SD3_JOINT_ATTENTION_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
+        text_encoder_3 = T5EncoderModel(config).eval()
+    return {
+        "transformer": get_tiny_sd3_transformer(seed),
+        "scheduler": get_sd3_scheduler(),
+        "vae": get_tiny_vae(seed, scaling_factor=1.5305, latent_channels=16, shift_factor=0.0609),
+        "text_encoder": text_encoders[0],
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoders[1],
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": text_encoder_3,
+        "tokenizer_3": tokenizer_3,
+    }
+
+
+def save_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, with_t5: bool = True) -> str:
+    """Save a complete SD3-layout pipeline folder, loadable by ``StableDiffusion3Pipeline`` and
+    ``DIStarSD3Pipeline``. Returns the path."""
+    StableDiffusion3Pipeline(**get_tiny_sd3_components(seed, with_t5)).save_pretrained(path)
     return os.fspath(path)

@@ -1,4 +1,5 @@
-"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v) and SD1.5/2.x (ε, v).
+"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v), SD1.5/2.x (ε, v) and
+SD3 / SD3.5 (flow).
 
 :func:`family_for` picks the family of a Diffusers folder or Hub id from its ``model_index.json``.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
 from .sd import SDConditioning, SDFamily
+from .sd3 import SD3Conditioning, SD3Family
 from .sdxl import SDXLConditioning, SDXLFamily
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "FAMILIES",
     "Conditioning",
     "ModelFamily",
+    "SD3Conditioning",
+    "SD3Family",
     "SDConditioning",
     "SDFamily",
     "SDXLConditioning",
@@ -24,7 +28,7 @@ __all__ = [
 ]
 
 #: Every family by name.
-FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily)}
+FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily, SD3Family)}
 
 
 def read_model_index(name: str, revision: str | None = None) -> dict:

@@ -170,6 +170,14 @@ class ModelFamily:
         return cls.network_class().from_pretrained(name, subfolder=subfolder, variant=variant)
 
     @classmethod
+    def check_conditioning_timestep(cls, conditioning_timestep):
+        """Return t* of the one-step map, or raise ``ValueError`` naming it (VP: an integer in [0, 1000))."""
+        from ..one_step import check_conditioning_timestep
+
+        check_conditioning_timestep(conditioning_timestep)
+        return conditioning_timestep
+
+    @classmethod
     def load_network_config(cls, name: str, revision: str | None = None) -> dict:
         """The network's config (a few kB), e.g. to check LoRA targets on the meta device."""
         return dict(cls.network_class().load_config(name, subfolder=cls.network_subfolder, revision=revision))
