@@ -1,4 +1,4 @@
-"""The one-step map, the schedules and the parameterisations every part of DI* shares (``docs/math.md`` §1–2, §11).
+"""The one-step map, the schedules and the parameterisations every part of DI* shares (``docs/math.md`` §1–2, §12).
 
 Notation (discrete VP schedule with ``alphas_cumprod`` = ᾱ_t, as SD1.5, SD2.x and SDXL):
 
@@ -104,7 +104,7 @@ def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor, sigma_
     return (x_t - alpha_t * x0) / sigma_t
 
 
-#: The VP prediction types of diffusers' ``scheduler.config.prediction_type`` (docs/math.md §11).
+#: The VP prediction types of diffusers' ``scheduler.config.prediction_type`` (docs/math.md §12).
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: Every prediction type a family may declare: the VP ones and rectified-flow velocity.
 PREDICTION_TYPES = (*VP_PREDICTION_TYPES, "flow")
@@ -120,7 +120,7 @@ def check_prediction_type(prediction_type, allowed: tuple[str, ...] = PREDICTION
 def output_to_eps(
     output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """ε̂ from a network's raw output (docs/math.md §11); exact for each type.
+    """ε̂ from a network's raw output (docs/math.md §12); exact for each type.
 
     ``epsilon``: ε̂ = out; ``v_prediction``: ε̂ = α_t·out + σ_t·x_t (α² + σ² = 1); ``sample``: ε̂ = (x_t − α_t·out)/σ_t;
     ``flow`` (α_t = 1 − σ): ε̂ = x_t + (1 − σ)·out.
@@ -139,7 +139,7 @@ def output_to_eps(
 def output_to_x0(
     output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """x̂0 from a network's raw output (docs/math.md §11); exact for each type.
+    """x̂0 from a network's raw output (docs/math.md §12); exact for each type.
 
     ``epsilon``: x̂0 = (x_t − σ_t·out)/α_t; ``v_prediction``: x̂0 = α_t·x_t − σ_t·out; ``sample``: x̂0 = out;
     ``flow``: x̂0 = x_t − σ·out.
@@ -170,7 +170,7 @@ def prediction_target(
 
 @dataclass(frozen=True)
 class VPSchedule:
-    """A discrete VP schedule ᾱ_t (SD1.5, SD2.x, SDXL) and how its network's output reads (docs/math.md §1, §11).
+    """A discrete VP schedule ᾱ_t (SD1.5, SD2.x, SDXL) and how its network's output reads (docs/math.md §1, §12).
 
     Timesteps are integers in [0, len(ᾱ)); the network is called with them as they are.
     """
@@ -211,7 +211,7 @@ class VPSchedule:
 
 @dataclass(frozen=True)
 class FlowSchedule:
-    """Rectified flow (SD3, FLUX): t = σ ∈ [0, 1], x_t = (1 − σ)·x0 + σ·ε; velocity prediction (docs/math.md §11).
+    """Rectified flow (SD3, FLUX): t = σ ∈ [0, 1], x_t = (1 − σ)·x0 + σ·ε; velocity prediction (docs/math.md §12).
 
     The network is called with σ·``num_train_timesteps``, as diffusers' ``FlowMatchEulerDiscreteScheduler`` does.
     """
@@ -239,7 +239,7 @@ def one_step_x0(
     conditioning_timestep,
     schedule: VPSchedule | FlowSchedule,
 ) -> torch.Tensor:
-    """The one-step map x0 = g_θ(z, c) = x̂0 of the generator's output at t* (docs/math.md §2, §11).
+    """The one-step map x0 = g_θ(z, c) = x̂0 of the generator's output at t* (docs/math.md §2, §12).
 
     ``denoise(z, t)`` is the generator with its conditioning bound, called with ``t`` = t* repeated over the batch;
     its raw output converts to x̂0 by ``schedule.prediction_type``. For ε-prediction this is

@@ -1,4 +1,4 @@
-"""The family seam: what a diffusion model family gives DI* (``docs/math.md`` §11, ``docs/training.md``).
+"""The family seam: what a diffusion model family gives DI* (``docs/math.md`` §12, ``docs/training.md``).
 
 DI* needs three things from a model: a Gaussian forward kernel x_t = α_t·x0 + σ_t·ε, a network output that converts
 to ε̂ (hence to the score −ε̂/σ_t and to x̂0), and prompt / no-prompt conditioning. A :class:`ModelFamily` holds those
@@ -210,7 +210,7 @@ class ModelFamily:
         )[0]
 
     def eps(self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning):
-        """ε̂(x_t, t, c): :meth:`denoise` converted by the prediction type (docs/math.md §11)."""
+        """ε̂(x_t, t, c): :meth:`denoise` converted by the prediction type (docs/math.md §12)."""
         output = self.denoise(network, x_t, timesteps, cond)
         alpha_t, sigma_t = self.coefficients(timesteps, output)
         return output_to_eps(output, x_t, alpha_t, sigma_t, self.prediction_type)

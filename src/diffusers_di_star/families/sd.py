@@ -1,4 +1,4 @@
-"""SD1.5 and SD2.x (ε- or v-prediction UNet, one CLIP text encoder, no added conditioning; docs/math.md §11).
+"""SD1.5 and SD2.x (ε- or v-prediction UNet, one CLIP text encoder, no added conditioning; docs/math.md §12).
 
 As DMD2 runs SD1.5 through its SDXL code path, only the conditioning differs: the UNet sees the text encoder's last
 hidden states, and ∅ is the encoding of the empty prompt (what ``StableDiffusionPipeline`` uses for CFG).
