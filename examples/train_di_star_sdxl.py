@@ -790,6 +790,7 @@ def export(args, networks, generator_unet, family, vae) -> int:
         lora=networks.use_lora,
         repo_id=args.hub_model_id,
         images=images,
+        family=type(family),
     )
     logger.info(f"saved the trained generator to {args.output_dir}")
     if args.push_to_hub:

@@ -55,6 +55,9 @@ def test_sd_lora_run_reloads_and_resumes_exactly(script, tiny_models, prompt_fil
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
+    card = (straight / "README.md").read_text()  # the card names the SD pipelines and licence, not SDXL's
+    assert "DIStarSDPipeline" in card and "`StableDiffusionPipeline`" in card and "SDXL" not in card
+    assert "- stable-diffusion\n" in card and "license: other" in card
     ours, plain = images(DIStarSDPipeline, model, straight), images(StableDiffusionPipeline, model, straight)
     assert np.abs(ours - images(DIStarSDPipeline, model)).max() > 1e-3  # the LoRA changed the generator
     np.testing.assert_allclose(ours, plain, atol=1e-4)

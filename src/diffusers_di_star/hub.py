@@ -10,8 +10,8 @@ __all__ = ["TAGS", "create_hub_repo", "push_folder", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
-#: Hub tags of every DI* model.
-TAGS = ("diffusers", "text-to-image", "di-star", "stable-diffusion-xl")
+#: Hub tags of every DI* model (and its family's ``hub_tag``).
+TAGS = ("diffusers", "text-to-image", "di-star")
 
 
 #: Settings already stated in the card's text or irrelevant to the weights, left out of its hyperparameter table.
@@ -29,40 +29,45 @@ def write_model_card(
     repo_id: str | None = None,
     images: list[str] = (),
     generator_weight_name: str | None = None,
+    family=None,
 ) -> str:
     """Write ``output_dir/README.md``: what the model is, how it was trained (DI* settings), how to load it, licence.
 
     ``reward`` is the reward spec, or ``None`` when no reward was used (``reward_scale`` 0): then none is claimed.
-    Only Hub ids go into the ``base_model:`` metadata; a local path is named in the text.
+    Only Hub ids go into the ``base_model:`` metadata; a local path is named in the text. ``family`` is the model's
+    :class:`~diffusers_di_star.families.ModelFamily` (default SDXL): its pipelines, tag and licence.
     """
     from huggingface_hub import ModelCardData
 
+    from .families import SDXLFamily
     from .training.preflight import is_hub_id
 
+    family = family or SDXLFamily
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     sources = [base_model] + ([generator_init] if generator_init and generator_init != base_model else [])
     metadata = ModelCardData(
         base_model=[source for source in sources if is_hub_id(source)] or None,
         library_name="diffusers",
-        license="openrail++",
+        license=family.license[0],
         pipeline_tag="text-to-image",
-        tags=[*TAGS, *(["lora"] if lora else [])],
+        tags=[*TAGS, *([family.hub_tag] if family.hub_tag else []), *(["lora"] if lora else [])],
     )
+    pipeline, base_pipeline = family.pipeline_class().__name__, family.base_pipeline_class().__name__
     if lora:
         weight_arg = f', weight_name="{generator_weight_name}"' if generator_weight_name else ""
-        init_line = (
-            "from diffusers_di_star.export import load_generator_unet\n"
-            f'unet = load_generator_unet("{generator_init}", base_model="{base_model}"{weight_arg})\n'
-            if generator_init
-            else ""
+        loader = (
+            "from diffusers_di_star.export import load_generator_unet\nunet = load_generator_unet"
+            if family is SDXLFamily
+            else f'from diffusers_di_star.families import FAMILIES\nunet = FAMILIES["{family.name}"].load_generator'
         )
+        init_line = f'{loader}("{generator_init}", base_model="{base_model}"{weight_arg})\n' if generator_init else ""
         unet_arg = ", unet=unet" if generator_init else ""
         usage = (
-            f'{init_line}pipe = DIStarSDXLPipeline.from_pretrained("{base_model}"{unet_arg})\n'
+            f'{init_line}pipe = {pipeline}.from_pretrained("{base_model}"{unet_arg})\n'
             f'pipe.load_lora_weights("{name}")\n'
         )
     else:
-        usage = f'pipe = DIStarSDXLPipeline.from_pretrained("{name}")\n'
+        usage = f'pipe = {pipeline}.from_pretrained("{name}")\n'
     h = hyperparameters
     if reward is not None:
         objective = (
@@ -92,26 +97,26 @@ def write_model_card(
 
 # {name}
 
-A one-step SDXL generator post-trained with Diff-Instruct* (DI*, arXiv 2410.20898) from `{base_model}`{init},
-{objective}. It was trained {"as a LoRA" if lora else "in full"}.
+A one-step {family.display_name} generator post-trained with Diff-Instruct* (DI*, arXiv 2410.20898)
+from `{base_model}`{init}, {objective}. It was trained {"as a LoRA" if lora else "in full"}.
 
 DI* settings: {"; ".join(settings)}.
 
 ## Usage
 
 ```python
-from diffusers_di_star import DIStarSDXLPipeline
+from diffusers_di_star import {pipeline}
 
 {usage}image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 ```
 
-Plain diffusers works too: `StableDiffusionXLPipeline` with `LCMScheduler`, `timesteps=[{
+Plain diffusers works too: `{base_pipeline}` with `LCMScheduler`, `timesteps=[{
         h.get("conditioning_timestep", 399)
     }]` and `guidance_scale=0`{", after `load_lora_weights`" if lora else ""}.
 
 ## Licence
 
-CreativeML Open RAIL++-M, the licence of SDXL, which these weights derive from; check the licence of the base and
+{family.license[1]}; check the licence of the base and
 initial weights{reward_licence} before use.
 
 ## Training hyperparameters

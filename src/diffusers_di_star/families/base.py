@@ -15,7 +15,8 @@ How a new family plugs in
      ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep);
    * class attributes: ``name`` (the ``--family`` word), ``pipeline_class_names`` (the ``_class_name`` values of a
      ``model_index.json`` that mean this family), ``network_subfolder`` (``"unet"`` / ``"transformer"``),
-     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``;
+     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, and for the model card
+     ``display_name``, ``hub_tag`` and ``license``;
    * class methods: ``network_class()`` (e.g. ``UNet2DConditionModel``), ``pipeline_class()`` (its one-step
      ``DIStar*Pipeline``), ``base_pipeline_class()`` (diffusers' multi-step pipeline, for baselines), and
      ``load_text_models(name, revision, variant)`` → (tokenizers, text encoders);
@@ -85,6 +86,10 @@ class ModelFamily:
     vae_scale_factor: ClassVar[int] = 8
     default_conditioning_timestep: ClassVar = DEFAULT_CONDITIONING_TIMESTEP
     lora_target_modules: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGET_MODULES
+    #: For the model card (``hub.write_model_card``): what the model is, its Hub tag, its licence (Hub id, sentence).
+    display_name: ClassVar[str] = "diffusion"
+    hub_tag: ClassVar[str | None] = None
+    license: ClassVar[tuple[str, str]] = ("other", "the licence of the base model")
 
     def __init__(
         self,

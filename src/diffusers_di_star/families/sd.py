@@ -69,6 +69,9 @@ class SDFamily(ModelFamily):
 
     name = "sd"
     pipeline_class_names = ("StableDiffusionPipeline",)
+    display_name = "Stable Diffusion 1.x/2.x"
+    hub_tag = "stable-diffusion"
+    license = ("other", "the licence of the base model (CreativeML Open RAIL-M for SD1.x, Open RAIL++-M for SD2.x)")
 
     @classmethod
     def network_class(cls):

@@ -84,6 +84,9 @@ class SDXLFamily(ModelFamily):
 
     name = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
+    display_name = "SDXL"
+    hub_tag = "stable-diffusion-xl"
+    license = ("openrail++", "CreativeML Open RAIL++-M, the licence of SDXL, which these weights derive from")
 
     @classmethod
     def network_class(cls):
