@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
+from diffusers_di_star.one_step import DEFAULT_CONDITIONING_TIMESTEP
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
     CFG_MODES,
@@ -134,7 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="One file inside --pretrained_generator, e.g. dmd2_sdxl_1step_unet_fp16.bin for tianweiy/DMD2.",
     )
-    models.add_argument("--conditioning_timestep", type=int, default=399, help="t* of the one-step map.")
+    models.add_argument(
+        "--conditioning_timestep",
+        type=timestep_number,
+        default=None,
+        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3: the flow time σ* = 1.0).",
+    )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of full UNets.")
@@ -292,6 +298,14 @@ def check_args(args: argparse.Namespace) -> None:
     make_config(args)
 
 
+def timestep_number(text: str) -> int | float:
+    """An integer timestep (VP: 399) or a flow time (SD3: 1.0), as typed."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parse_reward_options(items: list[str]) -> dict[str, dict[str, str]]:
     """``--reward_option NAME.OPTION=VALUE`` items as loader options, parsed as ``di-star eval`` parses them."""
     from diffusers_di_star.cli import CLIError, _parse_reward_options
@@ -335,7 +349,9 @@ def make_config(args: argparse.Namespace) -> DIStarConfig:
         weighting=args.weighting,
         min_timestep=args.min_timestep,
         max_timestep=args.max_timestep,
-        conditioning_timestep=args.conditioning_timestep,
+        conditioning_timestep=(
+            DEFAULT_CONDITIONING_TIMESTEP if args.conditioning_timestep is None else args.conditioning_timestep
+        ),  # None until check_models reads the family's default
         assistant_updates_per_step=args.assistant_updates_per_step,
         resolution=args.resolution,
         use_lora=args.use_lora,
@@ -391,6 +407,9 @@ def check_models(args: argparse.Namespace):
     """The reference model's family (from its ``model_index.json``); it is reachable and the LoRA targets exist in its
     network (from its config, no weights)."""
     family_class = detect_model_family(args.pretrained_model_name_or_path, revision=args.revision)
+    if args.conditioning_timestep is None:
+        args.conditioning_timestep = family_class.default_conditioning_timestep
+    args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
     config = load_network_config(family_class, args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
@@ -543,7 +562,6 @@ def all_finite(accelerator, *values) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = make_config(args)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -583,6 +601,7 @@ def main(args: argparse.Namespace) -> int:
     logger.info(f"{len(prompts)} training prompts")
     resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
     family_class = check_models(args)
+    config = make_config(args)  # after check_models: t* defaults to the family's
     reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
     set_seed(args.seed)  # the same on every rank: LoRA's random init must be identical everywhere
     if args.allow_tf32:

@@ -88,6 +88,7 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
         )
         self.register_to_config(conditioning_timestep=check_sigma_star(conditioning_timestep))
 
+    #: T5 is optional (diffusers drops it from a saved folder's `model_index.json`; the prompt's T5 part is zeros).
     _optional_components = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
 
     @property
