@@ -4,6 +4,7 @@ pipelines against diffusers' own, family detection and its one-line error, v-pre
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -196,6 +197,22 @@ def test_generate_names_an_unknown_layout_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "KandinskyPipeline" in err and "Families: sdxl" in err
+
+
+def test_generate_and_eval_load_an_sd_folder_as_sd(tmp_path, capsys):
+    from diffusers_di_star.cli import main
+    from diffusers_di_star.evaluation.runner import ModelSpec, load_model
+
+    model = save_tiny_sd_pipeline(tmp_path / "sd", prediction_type="v_prediction")
+    assert (
+        main(["generate", "--model", model, "--prompt", "a cat", "--out", str(tmp_path / "out"), "--device", "cpu"])
+        == 0
+    )
+    (path,) = capsys.readouterr().out.split()
+    expected = DIStarSDPipeline.from_pretrained(model)("a cat", generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(path)), np.asarray(expected))
+    assert type(load_model(ModelSpec(model), device="cpu")) is DIStarSDPipeline
+    assert type(load_model(ModelSpec(model, steps=2), device="cpu")) is StableDiffusionPipeline
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -23,9 +23,9 @@ class CLIError(Exception):
 
 
 def _add_generate_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="one-step text-to-image with DIStarSDXLPipeline")
+    p = subparsers.add_parser("generate", help="one-step text-to-image with the model family's DI* pipeline")
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})"
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local pipeline folder, e.g. SDXL (default {DEFAULT_MODEL})"
     )
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompt-file", default=None, help="a UTF-8 text file with one prompt a line (after --prompt)")
