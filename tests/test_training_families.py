@@ -65,7 +65,7 @@ def test_sd_lora_run_reloads_and_resumes_exactly(script, tiny_models, prompt_fil
 
 def test_sd_v_full_run_writes_a_v_prediction_pipeline(script, tiny_models, prompt_file, tmp_path):
     model = tiny_models["sd-v"]
-    extra = ["--learning_rate", "1e-3", "--validation_prompts", "a cat"]
+    extra = ["--learning_rate", "1e-3", "--validation_prompts", "a cat", "--pretrained_generator", model]
     assert run(script, *train_args(model, prompt_file, tmp_path, *extra)) == 0
     assert (tmp_path / "images" / "000.png").is_file()
     pipe = DIStarSDPipeline.from_pretrained(tmp_path)

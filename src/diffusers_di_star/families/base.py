@@ -167,8 +167,8 @@ class ModelFamily:
 
         if weight_name is not None:
             raise ValueError(
-                f"--pretrained_generator_weight_name: the {cls.name} family loads a generator from a Diffusers folder "
-                "or Hub id only; convert the file first (`di-star export --format diffusers`)."
+                f"--pretrained_generator_weight_name: the {cls.name} family loads a generator from a Diffusers "
+                "pipeline or UNet folder (or Hub id) only; pass that instead of one weights file."
             )
         is_network_folder = os.path.isfile(os.path.join(name, "config.json"))
         subfolder = None if is_network_folder else cls.network_subfolder
