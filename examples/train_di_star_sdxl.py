@@ -34,13 +34,11 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
-from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
-from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
@@ -65,18 +63,22 @@ from diffusers_di_star.training.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from diffusers_di_star.training.distributed import (
+from diffusers_di_star.training.engine import (
+    ROLE_DIRS,
+    backward,
+    check_accelerator,
     check_engine,
-    clip_parameters,
+    dtype_policy,
     gather_unet,
     local_main_first,
+    optimisation_step,
     prepare_networks,
+    register_checkpoint_hooks,
 )
 from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
 
 logger = get_logger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: diffusers' schedules that need nothing beyond warm-up and length (piecewise_constant needs step rules).
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
 #: The flags that only mean something with --use_lora.
@@ -112,7 +114,6 @@ MIN_VALUES = {
 }
 #: Exclusive bounds.
 OPEN_RANGES = {"learning_rate": (0, math.inf), "assistant_learning_rate": (0, math.inf), "ema_decay": (0, 1)}
-ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -420,12 +421,6 @@ def hub_repo_id(args: argparse.Namespace) -> str:
     return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
-def check_accelerator(accelerator: Accelerator) -> None:
-    """A precision the device cannot honour (fp16 on a CPU, where accelerate silently runs fp16 weights)."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no.")
-
-
 def load_text_models(args):
     tokenizers = [
         AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, revision=args.revision)
@@ -447,53 +442,6 @@ def load_vae(args) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
     )
-
-
-def register_checkpoint_hooks(accelerator: Accelerator, networks) -> None:
-    """Checkpoints hold the generator and assistant as LoRA (``save_lora_weights`` format) or full UNets.
-
-    Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
-    FSDP, see :func:`gather_unet`). Under FSDP accelerate also writes its own (sharded) model and optimiser states
-    and resumes from those; otherwise the folders are what resuming loads.
-    """
-
-    def save_hook(models, weights, output_dir):
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(output_dir, folder)
-            if networks.use_lora:
-                if accelerator.is_main_process:
-                    state_dict, metadata = networks.lora_state_dict(role)
-                    StableDiffusionXLPipeline.save_lora_weights(
-                        path, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
-                    )
-            else:
-                unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
-                if accelerator.is_main_process:
-                    unet.save_pretrained(path)
-        weights.clear()  # accelerate would otherwise save the prepared modules a second time
-
-    def load_hook(models, input_dir):
-        if networks.route_frozen_calls:
-            return  # accelerate's FSDP checkpoint restores the sharded units (and `models` is empty)
-        models.clear()
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(input_dir, folder)
-            if networks.use_lora:
-                state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(path)
-                state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-                incompatible = set_peft_model_state_dict(
-                    networks.bare_unet(role),
-                    diffusers_lora_to_peft(state_dict),
-                    adapter_name=networks.adapter(role),
-                )
-                if getattr(incompatible, "unexpected_keys", None):
-                    raise ValueError(f"{path}: unexpected LoRA keys {incompatible.unexpected_keys[:3]}")
-            else:
-                saved = UNet2DConditionModel.from_pretrained(path)
-                networks.bare_unet(role).load_state_dict(saved.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler) -> DIStarSDXLPipeline:
@@ -559,14 +507,6 @@ def make_optimizer(args, params, lr):
     )
 
 
-def all_finite(accelerator, *values) -> bool:
-    """True on every process when all values are finite on every process (so all ranks skip together)."""
-    bad = torch.tensor(
-        [float(not torch.isfinite(torch.as_tensor(v)).all()) for v in values], device=accelerator.device
-    )
-    return bool(accelerator.reduce(bad.sum(), reduction="sum") == 0)
-
-
 def main(args: argparse.Namespace) -> int:
     config = make_config(args)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -615,9 +555,9 @@ def main(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     tokenizers, text_encoders = load_text_models(args)
     vae = load_vae(args)
+    dtypes = dtype_policy(accelerator.mixed_precision, sharded, vae.config.force_upcast)
     scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     reference_unet = UNet2DConditionModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
@@ -630,17 +570,13 @@ def main(args: argparse.Namespace) -> int:
             weight_name=args.pretrained_generator_weight_name,
             variant=args.variant,
         )
-    # Under FSDP the UNets stay float32 (its mixed-precision policy casts for compute) and are sharded as such.
-    unet_dtype = torch.float32 if sharded else weight_dtype
-    networks = setup_networks(config, reference_unet, generator_unet, unet_dtype, args.gradient_checkpointing)
+    networks = setup_networks(config, reference_unet, generator_unet, dtypes.unet, args.gradient_checkpointing)
     set_seed(args.seed, device_specific=True)
-    # Frozen modules in the weight dtype; SDXL's VAE overflows in fp16, so it stays fp32 there (diffusers' rule).
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
-    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
+    vae.requires_grad_(False).to(accelerator.device, dtype=dtypes.vae)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     for text_encoder in text_encoders:
-        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        text_encoder.requires_grad_(False).to(accelerator.device, dtype=dtypes.weight)
     if reward_model is not None:
         reward_model.to(accelerator.device)
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
@@ -668,17 +604,14 @@ def main(args: argparse.Namespace) -> int:
         num_warmup_steps=args.lr_warmup_steps * world,
         num_training_steps=args.max_train_steps * args.assistant_updates_per_step * world,
     )
-    optimizers, lr_schedulers = prepare_networks(
+    # Optimisers, schedules and the parameters to clip as prepared (a sharding engine replaces or re-views them).
+    optimisation = prepare_networks(
         accelerator,
         networks,
         {"generator": generator_optimizer, "assistant": assistant_optimizer},
         {"generator": generator_lr_scheduler, "assistant": assistant_lr_scheduler},
         sharded,
     )
-    generator_optimizer, assistant_optimizer = optimizers["generator"], optimizers["assistant"]
-    generator_lr_scheduler, assistant_lr_scheduler = lr_schedulers["generator"], lr_schedulers["assistant"]
-    # Parameters taken after `prepare` (a sharding engine replaces or re-views them).
-    generator_params, assistant_params = (clip_parameters(networks, role) for role in ("generator", "assistant"))
     ema = None
     if args.use_ema:
         ema = EMAModel(networks.trainable_parameters("generator"), decay=args.ema_decay)
@@ -700,17 +633,6 @@ def main(args: argparse.Namespace) -> int:
             batch = prompt_batch(prompts, index, args.train_batch_size, args.seed, accelerator.process_index, world)
             yield batch, encode_prompts(batch, tokenizers, text_encoders, args.resolution)
 
-    def update(optimizer, lr_scheduler, params, losses):
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        if not all_finite(accelerator, *losses, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     progress = tqdm(
         range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="DI*"
     )
@@ -728,9 +650,9 @@ def main(args: argparse.Namespace) -> int:
                 losses = []
                 for _, cond in batches:
                     loss, terms = assistant_loss(networks, config, cond, alphas_cumprod, rng)
-                    accelerator.backward(loss / gas)
+                    backward(accelerator, loss, gas)
                     losses.append(terms["assistant_loss"])
-                norm = update(assistant_optimizer, assistant_lr_scheduler, assistant_params, losses)
+                norm = optimisation_step(accelerator, optimisation["assistant"], losses, args.max_grad_norm)
                 ok = ok and norm is not None
                 logs.update(
                     assistant_loss=torch.stack(losses).mean().item(), assistant_grad_norm=float(norm or math.nan)
@@ -740,11 +662,11 @@ def main(args: argparse.Namespace) -> int:
                 loss, terms = generator_loss(
                     networks, config, cond, prompts_batch, alphas_cumprod, vae, reward_model, rng
                 )
-                accelerator.backward(loss / gas)
+                backward(accelerator, loss, gas)
                 losses.append(terms["generator_loss"])
                 for name, value in terms.items():
                     logs[name] = logs.get(name, 0.0) + value.item() / gas
-            norm = update(generator_optimizer, generator_lr_scheduler, generator_params, losses)
+            norm = optimisation_step(accelerator, optimisation["generator"], losses, args.max_grad_norm)
         if norm is None or not ok:
             skipped += 1
             logger.warning(f"step {global_step}: non-finite loss or gradient, update skipped ({skipped} in a row)")
@@ -758,8 +680,8 @@ def main(args: argparse.Namespace) -> int:
         progress.update(1)
         logs.update(
             generator_grad_norm=float(norm),
-            lr=generator_lr_scheduler.get_last_lr()[0],
-            assistant_lr=assistant_lr_scheduler.get_last_lr()[0],
+            lr=optimisation["generator"].lr_scheduler.get_last_lr()[0],
+            assistant_lr=optimisation["assistant"].lr_scheduler.get_last_lr()[0],
         )
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("generator_loss", "reward")})
         accelerator.log(logs, step=global_step)

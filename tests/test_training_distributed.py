@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.testing import TINY_PROMPTS
-from diffusers_di_star.training.distributed import check_engine
+from diffusers_di_star.training.engine import check_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, os.pardir)
