@@ -15,6 +15,7 @@ line, the accelerate loop, logging, checkpoints and the final export. See ``docs
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import json
@@ -70,6 +71,7 @@ from diffusers_di_star.training.engine import (
     check_engine,
     dtype_policy,
     gather_unet,
+    load_state,
     local_main_first,
     optimisation_step,
     prepare_networks,
@@ -624,7 +626,8 @@ def main(args: argparse.Namespace) -> int:
 
     global_step = 0
     if resume is not None:
-        global_step = load_checkpoint(accelerator, resume, accelerator.load_state, ema)
+        load = functools.partial(load_state, accelerator, networks, optimisation)
+        global_step = load_checkpoint(accelerator, resume, load, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
 
     def conditioning_batches(step):

@@ -36,6 +36,7 @@ __all__ = [
     "dtype_policy",
     "engine_name",
     "gather_unet",
+    "load_state",
     "local_main_first",
     "optimisation_step",
     "prepare_networks",
@@ -218,8 +219,7 @@ def gather_unet(accelerator: Accelerator, networks: DIStarNetworks, role: str) -
     """
     if not networks.route_frozen_calls:
         return networks.activate(role)
-    unit = networks.prepared[role]
-    state_dict = accelerator.get_state_dict(unit)
+    state_dict = _full_state_dict(accelerator, networks.prepared[role])
     if not accelerator.is_main_process:
         return None
     prefix = f"{role}."  # RoleModule's keys
@@ -228,6 +228,22 @@ def gather_unet(accelerator: Accelerator, networks: DIStarNetworks, role: str) -
         unet = UNet2DConditionModel.from_config(networks.bare_unet(role).config)
     unet.load_state_dict(state_dict, strict=True, assign=True)
     return unet.eval()
+
+
+def _full_state_dict(accelerator: Accelerator, unit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded ``unit``'s full state dict on the main process (all ranks call it).
+
+    accelerate's ``get_state_dict``, except FSDP1 on a CPU: its copy to the CPU (``offload_to_cpu=True``) crashes
+    rank 0 with a segmentation fault there (torch 2.13, gloo), and the weights are on the CPU already.
+    """
+    if engine_name(accelerator.distributed_type, getattr(accelerator.state, "fsdp_plugin", None)) != "fsdp1":
+        return accelerator.get_state_dict(unit)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=accelerator.device.type != "cpu", rank0_only=True)
+    with FSDP.state_dict_type(unit, StateDictType.FULL_STATE_DICT, config):
+        return unit.state_dict()
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks) -> None:
@@ -275,6 +291,22 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_state(accelerator: Accelerator, networks: DIStarNetworks, optimisation: dict, folder: str) -> None:
+    """``accelerator.load_state(folder)``; under FSDP1 the optimisers' state is created first.
+
+    accelerate loads an FSDP1 optimiser's sharded state into the keys of ``FSDP.optim_state_dict`` of the live
+    optimiser, which has none before its first step: the AdamW moments would be silently dropped (measured: a resumed
+    run ended 1.4e-3 away from the uninterrupted one). torch's ``get_optimizer_state_dict`` creates them (a zero-lr
+    step on zero gradients), as accelerate's FSDP2 path does.
+    """
+    if engine_name(accelerator.distributed_type, getattr(accelerator.state, "fsdp_plugin", None)) == "fsdp1":
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        for role, role_optimisation in optimisation.items():
+            get_optimizer_state_dict(networks.prepared[role], role_optimisation.optimizer.optimizer)
+    accelerator.load_state(folder)
 
 
 def local_main_first(accelerator: Accelerator, load: Callable[[], T]) -> T:
