@@ -34,7 +34,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -64,6 +63,7 @@ from diffusers_di_star.training.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
+from diffusers_di_star.training.ema import ShardedEMA
 from diffusers_di_star.training.engine import (
     ROLE_DIRS,
     backward,
@@ -572,7 +572,9 @@ def main(args: argparse.Namespace) -> int:
             weight_name=args.pretrained_generator_weight_name,
             variant=args.variant,
         )
-    networks = setup_networks(config, reference_unet, generator_unet, dtypes.unet, args.gradient_checkpointing)
+    networks = setup_networks(
+        config, reference_unet, generator_unet, dtypes.unet, args.gradient_checkpointing, separate_bases=sharded
+    )
     set_seed(args.seed, device_specific=True)
     vae.requires_grad_(False).to(accelerator.device, dtype=dtypes.vae)
     if args.gradient_checkpointing:
@@ -616,8 +618,8 @@ def main(args: argparse.Namespace) -> int:
     )
     ema = None
     if args.use_ema:
-        ema = EMAModel(networks.trainable_parameters("generator"), decay=args.ema_decay)
-        ema.to(accelerator.device)  # checkpointed as safetensors by save_checkpoint, not pickled by accelerate
+        # Each rank averages its own shards (FSDP2); checkpointed as safetensors by save_checkpoint, not pickled.
+        ema = ShardedEMA(networks.trainable_parameters("generator"), decay=args.ema_decay)
     register_checkpoint_hooks(accelerator, networks)
 
     if accelerator.is_main_process:
@@ -678,7 +680,7 @@ def main(args: argparse.Namespace) -> int:
             continue
         skipped = 0
         if ema is not None:
-            ema.step(networks.trainable_parameters("generator"))
+            ema.step()
         global_step += 1
         progress.update(1)
         logs.update(
@@ -709,7 +711,7 @@ def main(args: argparse.Namespace) -> int:
 
     accelerator.wait_for_everyone()
     if ema is not None:
-        ema.copy_to(networks.trainable_parameters("generator"))
+        ema.copy_to()
     generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
@@ -725,7 +727,7 @@ def export(args, networks, generator_unet, tokenizers, text_encoders, vae, sched
     """
     pipeline = build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, scheduler)
     if networks.use_lora:
-        state_dict, metadata = networks.lora_state_dict("generator")
+        state_dict, metadata = networks.lora_state_dict("generator", generator_unet)
         StableDiffusionXLPipeline.save_lora_weights(
             args.output_dir, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
         )

@@ -75,15 +75,11 @@ def check_engine(distributed_type: DistributedType, *, use_lora: bool, use_ema: 
             f"networks): use FSDP for full finetuning ({FSDP_CONFIG}) or DDP for LoRA ({DDP_CONFIG})."
         )
     sharded = engine in ("fsdp1", "fsdp2")
-    if sharded and use_lora:
+    if engine == "fsdp1" and (use_lora or use_ema):
+        flag = "--use_lora" if use_lora else "--use_ema"
         raise ValueError(
-            "--use_lora keeps generator, assistant and reference in one UNet, which FSDP cannot shard: run LoRA on "
-            f"DDP ({DDP_CONFIG}), or drop --use_lora for full finetuning on FSDP."
-        )
-    if sharded and use_ema:
-        raise ValueError(
-            "--use_ema is not supported under FSDP yet (the EMA copy would be sharded): drop --use_ema, or use DDP "
-            f"({DDP_CONFIG})."
+            f"{flag} is not supported under FSDP1 (only FSDP2 runs it sharded): use FSDP2 (`fsdp_version: 2`, as in "
+            f"{FSDP_CONFIG}) or DDP ({DDP_CONFIG})."
         )
     if engine == "fsdp1" and not fsdp_plugin.use_orig_params:
         raise ValueError(
@@ -158,9 +154,11 @@ def _clip_parameters(networks: DIStarNetworks, role: str) -> list[torch.nn.Param
     """The parameters to clip and log the gradient norm of, taken after ``prepare``.
 
     Under sharding, all of the role's prepared unit (frozen ones have no gradient): accelerate's ``clip_grad_norm_``
-    recognises a whole FSDP1 module and then computes the norm across shards; FSDP2's are DTensors.
+    recognises a whole FSDP1 module and then computes the norm across shards; FSDP2's are DTensors. LoRA (FSDP2 only)
+    gives its adapter's: accelerate compares the list with each prepared unit's parameters, and LoRA's two units have
+    equally many, compared element by element (a DTensor error).
     """
-    if networks.route_frozen_calls:
+    if networks.route_frozen_calls and not networks.use_lora:
         return list(networks.prepared[role].parameters())
     return networks.trainable_parameters(role)
 
@@ -214,8 +212,8 @@ def gather_unet(accelerator: Accelerator, networks: DIStarNetworks, role: str) -
     """``role``'s UNet with its full weights, for validation, checkpoints and the export; all ranks must call it.
 
     Without sharding that is the bare UNet itself, with ``role`` activated. Under sharding the prepared unit's state
-    dict is gathered (``accelerator.get_state_dict``) and loaded into a fresh UNet on the main process; the other
-    ranks get ``None``.
+    dict is gathered (``accelerator.get_state_dict``) and loaded into a fresh UNet (with the role's LoRA adapter, if
+    any) on the main process; the other ranks get ``None``.
     """
     if not networks.route_frozen_calls:
         return networks.activate(role)
@@ -224,8 +222,11 @@ def gather_unet(accelerator: Accelerator, networks: DIStarNetworks, role: str) -
         return None
     prefix = f"{role}."  # RoleModule's keys
     state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    bare = networks.bare_unet(role)
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(networks.bare_unet(role).config)
+        unet = UNet2DConditionModel.from_config(bare.config)
+        for adapter, lora_config in getattr(bare, "peft_config", {}).items():
+            unet.add_adapter(lora_config, adapter_name=adapter)
     unet.load_state_dict(state_dict, strict=True, assign=True)
     return unet.eval()
 
@@ -258,8 +259,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
         for role, folder in ROLE_DIRS.items():
             path = os.path.join(output_dir, folder)
             if networks.use_lora:
+                state_dict, metadata = networks.lora_state_dict(role)  # every rank: FSDP2 gathers the shards
                 if accelerator.is_main_process:
-                    state_dict, metadata = networks.lora_state_dict(role)
                     StableDiffusionXLPipeline.save_lora_weights(
                         path, unet_lora_layers=state_dict, unet_lora_adapter_metadata=metadata
                     )
