@@ -15,6 +15,7 @@ line, the accelerate loop, logging, checkpoints and the final export. See ``docs
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import json
@@ -33,11 +34,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
-from diffusers.training_utils import EMAModel
-from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.one_step import DEFAULT_CONDITIONING_TIMESTEP
 from diffusers_di_star.runtime import ModelLoadError
@@ -62,12 +60,19 @@ from diffusers_di_star.training.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from diffusers_di_star.training.distributed import (
+from diffusers_di_star.training.ema import ShardedEMA
+from diffusers_di_star.training.engine import (
+    ROLE_DIRS,
+    backward,
+    check_accelerator,
     check_engine,
-    clip_parameters,
+    dtype_policy,
     gather_unet,
+    load_state,
     local_main_first,
+    optimisation_step,
     prepare_networks,
+    register_checkpoint_hooks,
 )
 from diffusers_di_star.training.preflight import (
     check_lora_targets,
@@ -78,7 +83,6 @@ from diffusers_di_star.training.preflight import (
 
 logger = get_logger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: diffusers' schedules that need nothing beyond warm-up and length (piecewise_constant needs step rules).
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
 #: The flags that only mean something with --use_lora.
@@ -114,7 +118,6 @@ MIN_VALUES = {
 }
 #: Exclusive bounds.
 OPEN_RANGES = {"learning_rate": (0, math.inf), "assistant_learning_rate": (0, math.inf), "ema_decay": (0, 1)}
-ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -443,10 +446,6 @@ def hub_repo_id(args: argparse.Namespace) -> str:
     return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
-def check_accelerator(accelerator: Accelerator) -> None:
-    """A precision the device cannot honour (fp16 on a CPU, where accelerate silently runs fp16 weights)."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no.")
 
 
 def load_vae(args) -> AutoencoderKL:
@@ -455,48 +454,6 @@ def load_vae(args) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
     )
-
-
-def register_checkpoint_hooks(accelerator: Accelerator, networks, family) -> None:
-    """Checkpoints hold the generator and assistant as LoRA (``save_lora_weights`` format) or full UNets.
-
-    Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
-    FSDP, see :func:`gather_unet`). Under FSDP accelerate also writes its own (sharded) model and optimiser states
-    and resumes from those; otherwise the folders are what resuming loads.
-    """
-
-    def save_hook(models, weights, output_dir):
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(output_dir, folder)
-            if networks.use_lora:
-                if accelerator.is_main_process:
-                    family.save_lora_weights(path, *networks.lora_state_dict(role))
-            else:
-                unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
-                if accelerator.is_main_process:
-                    unet.save_pretrained(path)
-        weights.clear()  # accelerate would otherwise save the prepared modules a second time
-
-    def load_hook(models, input_dir):
-        if networks.route_frozen_calls:
-            return  # accelerate's FSDP checkpoint restores the sharded units (and `models` is empty)
-        models.clear()
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(input_dir, folder)
-            if networks.use_lora:
-                incompatible = set_peft_model_state_dict(
-                    networks.bare_unet(role),
-                    diffusers_lora_to_peft(family.load_lora_state_dict(path)),
-                    adapter_name=networks.adapter(role),
-                )
-                if getattr(incompatible, "unexpected_keys", None):
-                    raise ValueError(f"{path}: unexpected LoRA keys {incompatible.unexpected_keys[:3]}")
-            else:
-                saved = family.network_class().from_pretrained(path)
-                networks.bare_unet(role).load_state_dict(saved.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def build_pipeline(args, generator_unet, family, vae):
@@ -553,14 +510,6 @@ def make_optimizer(args, params, lr):
     )
 
 
-def all_finite(accelerator, *values) -> bool:
-    """True on every process when all values are finite on every process (so all ranks skip together)."""
-    bad = torch.tensor(
-        [float(not torch.isfinite(torch.as_tensor(v)).all()) for v in values], device=accelerator.device
-    )
-    return bool(accelerator.reduce(bad.sum(), reduction="sum") == 0)
-
-
 def main(args: argparse.Namespace) -> int:
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -609,10 +558,10 @@ def main(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     family = family_class.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.variant)
     logger.info(f"model family {family.name}, prediction type {family.prediction_type}")
     vae = load_vae(args)
+    dtypes = dtype_policy(accelerator.mixed_precision, sharded, vae.config.force_upcast)
     reference_unet = family.load_network(args.pretrained_model_name_or_path, args.revision, args.variant)
     generator_unet = None
     if args.pretrained_generator is not None:
@@ -622,16 +571,14 @@ def main(args: argparse.Namespace) -> int:
             weight_name=args.pretrained_generator_weight_name,
             variant=args.variant,
         )
-    # Under FSDP the UNets stay float32 (its mixed-precision policy casts for compute) and are sharded as such.
-    unet_dtype = torch.float32 if sharded else weight_dtype
-    networks = setup_networks(config, reference_unet, generator_unet, unet_dtype, args.gradient_checkpointing)
+    networks = setup_networks(
+        config, reference_unet, generator_unet, dtypes.unet, args.gradient_checkpointing, separate_bases=sharded
+    )
     set_seed(args.seed, device_specific=True)
-    # Frozen modules in the weight dtype; SDXL's VAE overflows in fp16, so it stays fp32 there (diffusers' rule).
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
-    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
+    vae.requires_grad_(False).to(accelerator.device, dtype=dtypes.vae)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    family.to(accelerator.device, dtype=weight_dtype)
+    family.to(accelerator.device, dtype=dtypes.weight)
     if reward_model is not None:
         reward_model.to(accelerator.device)
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
@@ -658,21 +605,18 @@ def main(args: argparse.Namespace) -> int:
         num_warmup_steps=args.lr_warmup_steps * world,
         num_training_steps=args.max_train_steps * args.assistant_updates_per_step * world,
     )
-    optimizers, lr_schedulers = prepare_networks(
+    # Optimisers, schedules and the parameters to clip as prepared (a sharding engine replaces or re-views them).
+    optimisation = prepare_networks(
         accelerator,
         networks,
         {"generator": generator_optimizer, "assistant": assistant_optimizer},
         {"generator": generator_lr_scheduler, "assistant": assistant_lr_scheduler},
         sharded,
     )
-    generator_optimizer, assistant_optimizer = optimizers["generator"], optimizers["assistant"]
-    generator_lr_scheduler, assistant_lr_scheduler = lr_schedulers["generator"], lr_schedulers["assistant"]
-    # Parameters taken after `prepare` (a sharding engine replaces or re-views them).
-    generator_params, assistant_params = (clip_parameters(networks, role) for role in ("generator", "assistant"))
     ema = None
     if args.use_ema:
-        ema = EMAModel(networks.trainable_parameters("generator"), decay=args.ema_decay)
-        ema.to(accelerator.device)  # checkpointed as safetensors by save_checkpoint, not pickled by accelerate
+        # Each rank averages its own shards (FSDP2); checkpointed as safetensors by save_checkpoint, not pickled.
+        ema = ShardedEMA(networks.trainable_parameters("generator"), decay=args.ema_decay)
     register_checkpoint_hooks(accelerator, networks, family)
 
     if accelerator.is_main_process:
@@ -681,7 +625,8 @@ def main(args: argparse.Namespace) -> int:
 
     global_step = 0
     if resume is not None:
-        global_step = load_checkpoint(accelerator, resume, accelerator.load_state, ema)
+        load = functools.partial(load_state, accelerator, networks, optimisation)
+        global_step = load_checkpoint(accelerator, resume, load, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
 
     def conditioning_batches(step):
@@ -689,17 +634,6 @@ def main(args: argparse.Namespace) -> int:
             index = step * args.gradient_accumulation_steps + micro
             batch = prompt_batch(prompts, index, args.train_batch_size, args.seed, accelerator.process_index, world)
             yield batch, family.encode(batch, args.resolution)
-
-    def update(optimizer, lr_scheduler, params, losses):
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        if not all_finite(accelerator, *losses, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
 
     progress = tqdm(
         range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="DI*"
@@ -718,9 +652,9 @@ def main(args: argparse.Namespace) -> int:
                 losses = []
                 for _, cond in batches:
                     loss, terms = assistant_loss(networks, config, cond, family, rng)
-                    accelerator.backward(loss / gas)
+                    backward(accelerator, loss, gas)
                     losses.append(terms["assistant_loss"])
-                norm = update(assistant_optimizer, assistant_lr_scheduler, assistant_params, losses)
+                norm = optimisation_step(accelerator, optimisation["assistant"], losses, args.max_grad_norm)
                 ok = ok and norm is not None
                 logs.update(
                     assistant_loss=torch.stack(losses).mean().item(), assistant_grad_norm=float(norm or math.nan)
@@ -728,11 +662,11 @@ def main(args: argparse.Namespace) -> int:
             losses = []
             for prompts_batch, cond in batches:
                 loss, terms = generator_loss(networks, config, cond, prompts_batch, family, vae, reward_model, rng)
-                accelerator.backward(loss / gas)
+                backward(accelerator, loss, gas)
                 losses.append(terms["generator_loss"])
                 for name, value in terms.items():
                     logs[name] = logs.get(name, 0.0) + value.item() / gas
-            norm = update(generator_optimizer, generator_lr_scheduler, generator_params, losses)
+            norm = optimisation_step(accelerator, optimisation["generator"], losses, args.max_grad_norm)
         if norm is None or not ok:
             skipped += 1
             logger.warning(f"step {global_step}: non-finite loss or gradient, update skipped ({skipped} in a row)")
@@ -741,13 +675,13 @@ def main(args: argparse.Namespace) -> int:
             continue
         skipped = 0
         if ema is not None:
-            ema.step(networks.trainable_parameters("generator"))
+            ema.step()
         global_step += 1
         progress.update(1)
         logs.update(
             generator_grad_norm=float(norm),
-            lr=generator_lr_scheduler.get_last_lr()[0],
-            assistant_lr=assistant_lr_scheduler.get_last_lr()[0],
+            lr=optimisation["generator"].lr_scheduler.get_last_lr()[0],
+            assistant_lr=optimisation["assistant"].lr_scheduler.get_last_lr()[0],
         )
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("generator_loss", "reward")})
         accelerator.log(logs, step=global_step)
@@ -772,7 +706,7 @@ def main(args: argparse.Namespace) -> int:
 
     accelerator.wait_for_everyone()
     if ema is not None:
-        ema.copy_to(networks.trainable_parameters("generator"))
+        ema.copy_to()
     generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
@@ -788,7 +722,7 @@ def export(args, networks, generator_unet, family, vae) -> int:
     """
     pipeline = build_pipeline(args, generator_unet, family, vae)
     if networks.use_lora:
-        family.save_lora_weights(args.output_dir, *networks.lora_state_dict("generator"))
+        family.save_lora_weights(args.output_dir, *networks.lora_state_dict("generator", generator_unet))
     else:
         pipeline.save_pretrained(args.output_dir)
     images = validate(args, pipeline, os.path.join(args.output_dir, "images"))

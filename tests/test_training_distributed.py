@@ -2,8 +2,8 @@
 
 DDP: ranks stay in sync, LoRA starts identical on every rank, only rank 0 writes. FSDP (the shipped
 ``examples/accelerate_configs/fsdp_8gpu.yaml`` with 2 processes and no mixed precision): parameters really are
-sharded, the result equals DDP's, a resumed run equals the uninterrupted one, the export is a normal Diffusers folder
-and LoRA is refused with its one-line message.
+sharded, the result equals DDP's, a resumed run equals the uninterrupted one and the export is a normal Diffusers
+folder (LoRA and EMA under FSDP2: tests/test_training_fsdp_ema_lora.py).
 """
 
 import json
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.testing import TINY_PROMPTS
-from diffusers_di_star.training.distributed import check_engine
+from diffusers_di_star.training.engine import check_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, os.pardir)
@@ -139,7 +139,7 @@ LORA = ["--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4"
 
 @pytest.fixture(scope="module")
 def runs(tiny_sdxl_dir, tmp_path_factory):
-    """Two launches: DDP (LoRA, full) and FSDP (LoRA refused, full with validation, full resumed from checkpoint-1)."""
+    """Two launches: DDP (LoRA, full) and FSDP (full with validation, full resumed from checkpoint-1)."""
     ddp, fsdp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("fsdp")
     ddp_probe = launch(
         ddp,
@@ -154,7 +154,6 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
         fsdp,
         tiny_sdxl_dir,
         [
-            {"name": "lora", "args": [*LORA, "--output_dir", str(fsdp / "lora")], "refused": True},
             {"name": "full", "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(fsdp / "full"),
                                       "--validation_prompts", "a cat", "--validation_steps", "1"]},
             {"name": "resumed", "args": [*FULL, "--output_dir", str(fsdp / "resumed"),
@@ -220,16 +219,10 @@ def test_fsdp_resume_equals_uninterrupted_run_and_export_loads(runs):
 
 
 def test_lora_and_deepspeed_are_refused_with_one_line(runs):
-    probe = runs["fsdp"][1] / "lora"
-    for rank in (0, 1):
-        message = (probe / f"refused-rank{rank}.txt").read_text()
-        assert message.startswith("--use_lora keeps generator, assistant and reference in one UNet")
-        assert "examples/accelerate_configs/multi_gpu.yaml" in message and "\n" not in message
+    # (LoRA and EMA under FSDP2 run: tests/test_training_fsdp_ema_lora.py.)
     # DeepSpeed is refused from accelerate's distributed type alone (deepspeed itself need not be installed).
     with pytest.raises(ValueError, match=r"^DeepSpeed is not supported .* use FSDP for full finetuning"):
         check_engine(DistributedType.DEEPSPEED, use_lora=False, use_ema=False)
-    with pytest.raises(ValueError, match="--use_ema is not supported under FSDP"):
-        check_engine(DistributedType.FSDP, use_lora=False, use_ema=True)
     fsdp1 = SimpleNamespace(fsdp_version=1, use_orig_params=False)
     with pytest.raises(ValueError, match="FSDP1 needs `fsdp_use_orig_params: true`"):
         check_engine(DistributedType.FSDP, use_lora=False, use_ema=False, fsdp_plugin=fsdp1)

@@ -352,7 +352,9 @@ def test_ema_is_stored_as_safetensors(lora_run):
 
 def test_non_finite_stop_does_not_claim_a_checkpoint(script, tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch):
     """Case 9: with no checkpoint saved yet, the message says so."""
-    monkeypatch.setattr(script, "all_finite", lambda *a: False)
+    from diffusers_di_star.training import engine
+
+    monkeypatch.setattr(engine, "all_finite", lambda *a: False)
     args = train_args(tiny_sdxl_dir, prompt_file, tmp_path, *LORA, "--max_skipped_steps", "2")
     with pytest.raises(script.TrainingStopped, match="2 non-finite steps in a row: stopping; no checkpoint was saved"):
         run(script, *args)

@@ -2,7 +2,8 @@
 
 One iteration is what ``examples/train_di_star_sdxl.py`` does per step: encode the prompts, then under bf16 autocast
 K_TA times ``assistant_loss`` → backward → clip → AdamW step, then ``generator_loss`` (PickScore reward through the
-VAE decoder, CFG-enhanced reference, pseudo-Huber score divergence) → backward → clip → AdamW step. The networks come
+VAE decoder, CFG-enhanced reference, pseudo-Huber score divergence) → backward → clip → AdamW step, the update being
+the trainer's own (:func:`~diffusers_di_star.training.engine.optimisation_step`, single process). The networks come
 from :func:`~diffusers_di_star.training.setup_networks` with gradient checkpointing; frozen weights are bf16, LoRA
 weights and optimiser states float32.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..training import DIStarConfig, DIStarNetworks, assistant_loss, encode_prompts, generator_loss, setup_networks
+from ..training.engine import RoleOptimisation, backward, optimisation_step
 from .components import build_pickscore_reward, build_scheduler, build_text_encoders, build_unet, build_vae
 from .inference import PROMPT
 from .measure import Measurement, free_memory, measure
@@ -51,14 +53,15 @@ class DIStarIteration:
         self.networks, self.config, self.vae, self.reward, self.device = networks, config, vae, reward, settings.device
         self.tokenizers, self.text_encoders = text
         self.alphas_cumprod = build_scheduler().alphas_cumprod.to(settings.device)
-        self.parameters = {role: networks.trainable_parameters(role) for role in ("generator", "assistant")}
-        self.optimizers = {role: torch.optim.AdamW(p, lr=_LEARNING_RATE) for role, p in self.parameters.items()}
+        self.optimisation = {}
+        for role in ("generator", "assistant"):
+            parameters = networks.trainable_parameters(role)
+            optimizer = torch.optim.AdamW(parameters, lr=_LEARNING_RATE)
+            self.optimisation[role] = RoleOptimisation(optimizer, None, parameters)
 
     def _update(self, role: str, loss: torch.Tensor) -> None:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters[role], _MAX_GRAD_NORM)
-        self.optimizers[role].step()
-        self.optimizers[role].zero_grad(set_to_none=True)
+        backward(None, loss)
+        optimisation_step(None, self.optimisation[role], [loss.detach()], _MAX_GRAD_NORM)
 
     def __call__(self, batch_size: int) -> None:
         prompts = [PROMPT] * batch_size
@@ -72,8 +75,8 @@ class DIStarIteration:
             self._update("generator", loss)
 
     def reset(self) -> None:
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+        for optimisation in self.optimisation.values():
+            optimisation.optimizer.zero_grad(set_to_none=True)
 
 
 def _try_measure(iteration: DIStarIteration, batch_size: int, settings: BenchSettings, warmup: int, repeats: int):

@@ -132,11 +132,11 @@ def _file_sizes(folder: str) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def save_ema(ema, folder: str) -> None:
-    """The EMA shadow parameters as safetensors and its scalars (decay, optimization step, …) as JSON metadata."""
+def save_ema(state: dict, folder: str) -> None:
+    """An EMA's ``state_dict()``: shadow parameters as safetensors, scalars (decay, step, …) as JSON metadata."""
     from safetensors.torch import save_file
 
-    state = ema.state_dict()
+    state = dict(state)
     tensors = {f"shadow_params.{i}": p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}
     save_file(tensors, os.path.join(folder, EMA_NAME), metadata={"state": json.dumps(state)})
 
@@ -167,8 +167,8 @@ def save_checkpoint(
 ) -> str:
     """Write ``checkpoint-<step>``: ``write_state(tmp)`` on every process, the EMA and the manifest, then the rename.
 
-    Only then are the oldest complete checkpoints beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps
-    removed. Returns the checkpoint path.
+    ``ema`` is a :class:`~diffusers_di_star.training.ema.ShardedEMA`. Only then are the oldest complete checkpoints
+    beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps removed. Returns the checkpoint path.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -177,10 +177,12 @@ def save_checkpoint(
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     write_state(tmp)
+    # Every rank: a sharded EMA (training/ema.py) is gathered here; only the main process keeps it.
+    ema_state = None if ema is None else ema.state_dict(keep=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if ema is not None:
-            save_ema(ema, tmp)
+        if ema_state is not None:
+            save_ema(ema_state, tmp)
         manifest = {"step": step, "settings": _json_value(dict(settings)), "files": _file_sizes(tmp)}
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)

@@ -30,7 +30,8 @@ import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.tensor import DTensor
 
 from .config import DIStarConfig
 
@@ -118,10 +119,24 @@ class DIStarNetworks:
             return list(unet.parameters())
         return [p for name, p in unet.named_parameters() if f".{adapter}." in name]
 
-    def lora_state_dict(self, role: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """The role's LoRA in diffusers' ``save_lora_weights`` key format, and its peft config as metadata."""
-        unet, adapter = self.bare_unet(role), self.adapter(role)
-        state_dict = get_peft_model_state_dict(unet, adapter_name=adapter)
+    def lora_state_dict(
+        self, role: str, unet: UNet2DConditionModel | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The role's LoRA in diffusers' ``save_lora_weights`` key format, and its peft config as metadata.
+
+        Taken from ``unet`` when given (a gathered copy, see ``engine.gather_unet``), else from the role's own UNet;
+        FSDP2's shards of the latter are gathered, so then every rank must call this.
+        """
+        unet, adapter = (self.bare_unet(role) if unet is None else unet), self.adapter(role)
+        # peft's get_peft_model_state_dict, by parameter name: it matches modules structurally and finds nothing once
+        # FSDP2's activation checkpointing has wrapped the blocks (a `_checkpoint_wrapped_module.` level).
+        marker = f".{adapter}."
+        state_dict = {
+            name.replace(_CHECKPOINT_PREFIX, "").replace(marker, "."): p.detach()
+            for name, p in unet.named_parameters()
+            if marker in name
+        }
+        state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
         return convert_state_dict_to_diffusers(state_dict), unet.peft_config[adapter].to_dict()
 
 
@@ -151,13 +166,18 @@ def setup_networks(
     generator_unet: torch.nn.Module | None = None,
     weight_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    separate_bases: bool = False,
 ) -> DIStarNetworks:
     """Build g_θ, s_ψ, s_ref from the reference network (e.g. SDXL base) and optionally a generator init (DMD2).
 
     Modifies ``reference_unet`` (and ``generator_unet``) in place: frozen weights are cast to ``weight_dtype``,
     adapters are added in float32. Without LoRA, g_θ and s_ψ are float32 copies; s_ψ always starts as s_ref (§2).
+    ``separate_bases`` (for sharding engines, which wrap each trained role in its own unit) gives LoRA's generator its
+    own copy of the base, as when it starts from a different UNet; assistant and reference still share one.
     """
     reference_unet.requires_grad_(False).to(dtype=weight_dtype)
+    if config.use_lora and separate_bases and generator_unet is None:
+        generator_unet = copy.deepcopy(reference_unet)
     if generator_unet is not None:
         generator_unet.requires_grad_(False).to(dtype=weight_dtype)
     if config.use_lora:

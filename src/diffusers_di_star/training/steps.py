@@ -176,10 +176,11 @@ def _score_divergence_through_inputs(
 ) -> torch.Tensor:
     """:func:`~diffusers_di_star.losses.score_divergence_loss` with its x_t-gradient taken network by network.
 
-    The loss depends on θ only through x_t, so ∇_θ L = (∂L/∂x_t)ᵀ ∂x_t/∂θ. ∂L/∂x_t is computed here, each UNet's
-    vector-Jacobian product under its own adapter (a shared UNet may not switch adapters between a forward and its
-    backward, and gradient checkpointing recomputes under the active one). Returned per sample: the loss's value,
-    with gradient sg[∂L/∂x_t]ᵀ x_t towards θ.
+    The loss depends on θ only through x_t, so ∇_θ L = (∂L/∂x_t)ᵀ ∂x_t/∂θ. ∂L/∂x_t is computed here. With LoRA each
+    UNet's vector-Jacobian product is taken under its own adapter (a shared UNet may not switch adapters between a
+    forward and its backward, and gradient checkpointing recomputes under the active one); separate UNets take both in
+    one backward (FSDP1 unshards a unit once per backward: a second backward through the same forward would find its
+    parameters freed). Returned per sample: the loss's value, with gradient sg[∂L/∂x_t]ᵀ x_t towards θ.
     """
     x_in = x_t.detach().requires_grad_(True)
     eps_hat_assistant = eps_assistant(x_in)
@@ -190,9 +191,12 @@ def _score_divergence_through_inputs(
         x_in, eps, sigma_t, lambda _: assistant_out, lambda _: reference_out, weight, config.divergence, config.huber_c
     )
     grad_assistant, grad_reference = torch.autograd.grad(loss.sum(), [assistant_out, reference_out])
-    networks.activate("reference")
-    grad_x = torch.autograd.grad(eps_hat_reference, x_in, grad_reference)[0]
-    networks.activate("assistant")
-    grad_x = grad_x + torch.autograd.grad(eps_hat_assistant, x_in, grad_assistant)[0]
+    if networks.use_lora:
+        networks.activate("reference")
+        grad_x = torch.autograd.grad(eps_hat_reference, x_in, grad_reference)[0]
+        networks.activate("assistant")
+        grad_x = grad_x + torch.autograd.grad(eps_hat_assistant, x_in, grad_assistant)[0]
+    else:
+        grad_x = torch.autograd.grad([eps_hat_reference, eps_hat_assistant], x_in, [grad_reference, grad_assistant])[0]
     surrogate = (grad_x.detach().to(x_t.dtype) * x_t).flatten(1).sum(1)
     return loss.detach() + surrogate - surrogate.detach()
