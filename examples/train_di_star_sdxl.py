@@ -61,7 +61,6 @@ from diffusers_di_star.training.checkpointing import (
     checkpoint_dirs,
     load_checkpoint,
     on_main_process,
-    remove_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
@@ -73,6 +72,8 @@ from diffusers_di_star.training.distributed import (
     prepare_networks,
 )
 from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
+from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
+from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
 
 logger = get_logger(__name__)
 
@@ -188,7 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Start a new run in an --output_dir that holds another run (its checkpoints are deleted).",
+        help="Start a new run in an --output_dir that holds another run: what that run wrote is removed (checkpoints, "
+        "weights, images, logs, model card); other files stay.",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
@@ -576,6 +578,7 @@ def main(args: argparse.Namespace) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    check_process_group(accelerator.num_processes)  # before the state block: a refused launch prints one line
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     # A mode the engine cannot run fails now, in one line (DeepSpeed; LoRA or EMA under FSDP).
@@ -588,8 +591,10 @@ def main(args: argparse.Namespace) -> int:
     check_accelerator(accelerator)
     # The run folder, the checkpoint to resume (settings checked) and the Hub repo are settled before anything loads,
     # decided by the main process for every rank: a mismatch or a bad token fails in seconds, not after the run.
+    # One owner per run folder: the main process takes the lock, every rank gets its outcome.
+    run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
-        on_main_process(accelerator, remove_checkpoints, args.output_dir)
+        on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
     resume = resolve_resume(accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args))
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
@@ -693,6 +698,14 @@ def main(args: argparse.Namespace) -> int:
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume, accelerator.load_state, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
+    saved_step = global_step  # the step of the newest checkpoint on disk (0: none needed yet)
+
+    def save(step):
+        settings = resume_settings(args)
+        save_checkpoint(
+            accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
+        )
+        return step
 
     def conditioning_batches(step):
         for micro in range(args.gradient_accumulation_steps):
@@ -716,7 +729,10 @@ def main(args: argparse.Namespace) -> int:
     )
     skipped = 0
     gas = args.gradient_accumulation_steps
+    stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
+        if stop.agreed(accelerator):
+            break
         batches = list(conditioning_batches(global_step))
         # Noise and timesteps from a pure function of (seed, step, process): a resumed run draws the same ones.
         rng = torch.Generator(accelerator.device).manual_seed(
@@ -765,15 +781,7 @@ def main(args: argparse.Namespace) -> int:
         accelerator.log(logs, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(
-                accelerator,
-                args.output_dir,
-                global_step,
-                accelerator.save_state,
-                resume_settings(args),
-                args.checkpoints_total_limit,
-                ema,
-            )
+            saved_step = save(global_step)
         if args.validation_prompts and global_step % args.validation_steps == 0:
             generator = gather_unet(accelerator, networks, "generator")  # all ranks: a gather under FSDP
             if accelerator.is_main_process:
@@ -781,6 +789,21 @@ def main(args: argparse.Namespace) -> int:
                 paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
     progress.close()
+    stop.restore()
+    if global_step < args.max_train_steps:  # stopped by a SIGTERM on some rank: every rank is here
+        if global_step > saved_step:
+            saved_step = save(global_step)
+        if accelerator.is_main_process:
+            where = f"checkpoint-{saved_step} is saved" if saved_step else "no step was done, nothing to save"
+            print(
+                f"{os.path.basename(__file__)}: SIGTERM: stopped after step {global_step}; {where}. Continue with "
+                f"--resume_from_checkpoint latest.",
+                file=sys.stderr,
+            )
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            run_lock.release()
+        return EXIT_TERMINATED
 
     accelerator.wait_for_everyone()
     if ema is not None:
@@ -790,6 +813,8 @@ def main(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         status = export(args, networks, generator, tokenizers, text_encoders, vae, scheduler)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        run_lock.release()
     return status
 
 

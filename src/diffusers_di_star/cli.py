@@ -191,8 +191,8 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        help="parti | coco | hpsv2 | a .txt (one prompt a line) or .json file | a folder with the HPSv2 benchmark's "
-        "anime/concept-art/paintings/photo .json files",
+        help="parti | coco | hpsv2 | a .txt (one prompt a line), .csv (a prompt column) or .json file | a folder with "
+        "the HPSv2 benchmark's anime/concept-art/paintings/photo .json files",
     )
     p.add_argument(
         "--metrics",

@@ -6,13 +6,16 @@
 * ``hpsv2``: the HPSv2 benchmark (Table 3), 800 prompts in each of its styles ``anime``, ``concept-art``,
   ``paintings``, ``photo``: ``<style>.json`` from an installed ``hpsv2`` package, hpsv2's cache, or the Hub dataset
   ``zhwang/HPDv2`` (``benchmark/``).
-* a local file: ``.txt`` (one prompt a line) or ``.json`` (a list of prompts, or ``{style: [prompts]}``); a local
+* a local file: ``.txt`` (one prompt a line), ``.csv`` (a header row and a ``prompt`` column, the trainer's layout)
+  or ``.json`` (a list of prompts, or ``{style: [prompts]}``); a local
   folder holding the four HPSv2 ``<style>.json`` files is read as the HPSv2 benchmark.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -24,6 +27,8 @@ __all__ = ["HPS_STYLES", "PROMPT_SETS", "Prompt", "PromptSet", "PromptSetError",
 #: The HPSv2 benchmark's styles, in the order of its tables.
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 _HPD_REPO = "zhwang/HPDv2"
+#: The column a ``.csv`` prompt file is read from: the trainer's default ``--prompt_column`` for non-text files.
+CSV_PROMPT_COLUMN = "prompt"
 
 
 class PromptSetError(ValueError):
@@ -98,18 +103,40 @@ def _make_set(name: str, texts_by_style: dict[str | None, Sequence[str]]) -> Pro
 
 
 def _read_prompt_file(path: str) -> PromptSet:
-    with open(path, encoding="utf-8") as file:
-        if not path.endswith(".json"):
-            return _make_set(path, {None: [line for line in file.read().splitlines() if line.strip()]})
-        try:
-            content = json.load(file)
-        except json.JSONDecodeError as err:
-            raise PromptSetError(f"{path} is not valid JSON ({err}).") from err
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as err:
+        raise PromptSetError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 (one prompt a line)."
+        ) from None
+    if path.lower().endswith(".csv"):
+        return _make_set(path, {None: _csv_column(path, text)})
+    if not path.lower().endswith(".json"):
+        return _make_set(path, {None: [line for line in text.splitlines() if line.strip()]})
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PromptSetError(f"{path} is not valid JSON ({err}).") from err
     if isinstance(content, list):
         return _make_set(path, {None: content})
     if isinstance(content, dict) and all(isinstance(texts, list) for texts in content.values()):
         return _make_set(path, content)
     raise PromptSetError(f"{path} must hold a JSON list of prompts or an object {{style: [prompts]}}.")
+
+
+def _csv_column(path: str, text: str, column: str = CSV_PROMPT_COLUMN) -> list[str]:
+    """The ``column`` of a CSV file with a header row (the trainer's ``--train_data_file`` layout)."""
+    rows = csv.DictReader(io.StringIO(text))
+    if column not in (rows.fieldnames or ()):
+        raise PromptSetError(
+            f"{path}: a .csv prompt file needs a header row with a {column!r} column (as the trainer reads it); "
+            f"its header is {rows.fieldnames or 'empty'}."
+        )
+    prompts = [row[column] for row in rows if (row[column] or "").strip()]
+    if not prompts:
+        raise PromptSetError(f"{path} has a header but no prompts in its {column!r} column.")
+    return prompts
 
 
 def _read_style_files(name: str, files: dict[str, str]) -> PromptSet:

@@ -36,7 +36,6 @@ __all__ = [
     "incomplete_dirs",
     "load_checkpoint",
     "on_main_process",
-    "remove_checkpoints",
     "resolve_resume",
     "save_checkpoint",
 ]
@@ -109,13 +108,6 @@ def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
             f"--output_dir {output_dir!r} already holds a run ({shown}): pass --resume_from_checkpoint latest to "
             "continue it, --overwrite_output_dir to replace it, or another --output_dir."
         )
-
-
-def remove_checkpoints(output_dir: str) -> None:
-    """Delete every checkpoint folder, complete or not, of a previous run (``--overwrite_output_dir``)."""
-    for name in (*checkpoint_dirs(output_dir), *incomplete_dirs(output_dir)):
-        logger.info(f"removing {name} of the previous run in {output_dir} (--overwrite_output_dir)")
-        shutil.rmtree(os.path.join(output_dir, name))
 
 
 def _json_value(value):

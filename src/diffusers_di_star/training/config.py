@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
+from ..pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
 
 __all__ = ["DIVERGENCES", "CFG_MODES", "DEFAULT_LORA_TARGET_MODULES", "DIStarConfig"]
 
@@ -87,6 +88,11 @@ class DIStarConfig:
             raise ValueError(f"`assistant_updates_per_step` must be >= 1, got {self.assistant_updates_per_step}.")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"`resolution` must be a positive multiple of 8 (the VAE factor), got {self.resolution}.")
+        if self.resolution**2 > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"`resolution` {self.resolution} is {self.resolution**2:,} pixels, above the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (4096×4096) that `di-star generate` also applies; pass a smaller resolution."
+            )
         for role in ("generator", "assistant"):
             rank, alpha = getattr(self, f"{role}_lora_rank"), getattr(self, f"{role}_lora_alpha")
             if rank < 1 or alpha <= 0:
