@@ -72,6 +72,7 @@ from diffusers_di_star.training.distributed import (
     prepare_networks,
 )
 from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
+from diffusers_di_star.training.resume import check_step_bound, resume_settings
 from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
 from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
 
@@ -84,18 +85,6 @@ LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.P
 LORA_FLAGS = ("rank",) + tuple(
     f"{role}_lora_{key}" for role in ("generator", "assistant") for key in ("rank", "alpha", "target_modules")
 )
-#: What a resume must repeat, because it decides the networks' shapes, the optimiser state or the objective.
-RESUME_FLAGS = (
-    "pretrained_model_name_or_path",
-    "pretrained_generator",
-    "pretrained_generator_weight_name",
-    "use_lora",
-    "use_ema",
-    "divergence",
-    "cfg_mode",
-    "use_8bit_adam",
-)
-LORA_RESUME_FLAGS = LORA_FLAGS[1:]
 MIN_VALUES = {
     "train_batch_size": 1,
     "max_train_steps": 1,
@@ -228,6 +217,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     logs.add_argument("--checkpointing_steps", type=int, default=500)
     logs.add_argument("--checkpoints_total_limit", type=int, default=None)
     logs.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    logs.add_argument(
+        "--allow_model_change",
+        action="store_true",
+        help="Resume although a model path names other configs than the checkpoint's (e.g. a re-downloaded copy).",
+    )
     logs.add_argument("--validation_prompts", nargs="*", default=None)
     logs.add_argument(
         "--validation_prompt", action="append", default=None, help="One validation prompt (repeatable; Diffusers)."
@@ -310,19 +304,6 @@ def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_proc
         per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
         args.max_train_steps = args.num_train_epochs * math.ceil(num_prompts / per_step)
         logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
-
-
-def resume_settings(args: argparse.Namespace) -> dict:
-    """The flags a resume must repeat (:data:`RESUME_FLAGS`), as recorded in each checkpoint; local paths absolute."""
-    flags = RESUME_FLAGS + (LORA_RESUME_FLAGS if args.use_lora else ())
-    settings = {flag: getattr(args, flag) for flag in flags}
-    for flag in ("pretrained_model_name_or_path", "pretrained_generator"):
-        if settings[flag] is not None and os.path.exists(settings[flag]):
-            settings[flag] = os.path.abspath(settings[flag])
-    for flag in flags:
-        if flag.endswith("_target_modules"):
-            settings[flag] = [name.strip() for name in settings[flag].split(",")]
-    return settings
 
 
 def make_config(args: argparse.Namespace) -> DIStarConfig:
@@ -595,7 +576,9 @@ def main(args: argparse.Namespace) -> int:
     run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
-    resume = resolve_resume(accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args))
+    resume = resolve_resume(
+        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
+    )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
     # Data and reward first: a bad file, column or reward spec fails before the UNets are loaded. A Hub dataset is
@@ -698,6 +681,7 @@ def main(args: argparse.Namespace) -> int:
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume, accelerator.load_state, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
+        check_step_bound(global_step, args.max_train_steps, resume)  # (--num_train_epochs: known only now)
     saved_step = global_step  # the step of the newest checkpoint on disk (0: none needed yet)
 
     def save(step):

@@ -444,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ModelLoadError) as err:
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = f": finished images are kept, rerun the same command to resume" if args.command == "eval" else ""
+        print(f"\ndi-star {args.command}: interrupted{resume}.", file=sys.stderr)
+        return 130
     return 0
 
 
