@@ -42,6 +42,7 @@ from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
+from diffusers_di_star.errors import DIStarError, first_line
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
     CFG_MODES,
@@ -350,7 +351,7 @@ def load_reward(spec: str, **options):
         ]
         raise ValueError(
             f"--reward {spec!r}: a checkpoint is not in the local Hugging Face cache and the Hub is unreachable "
-            f"({_first_line(error)}). Download {', '.join(sorted({repo for _, repo in sources}))} on a connected "
+            f"({first_line(error, limit=None)}). Download {', '.join(sorted({repo for _, repo in sources}))} on a connected "
             "machine, or pass local copies: "
             + " ".join(f"--reward_option {option}=PATH" for option, _ in sources)
         ) from error
@@ -362,11 +363,6 @@ def _loader_defaults(loader) -> dict:
         for name, parameter in inspect.signature(loader).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def check_models(args: argparse.Namespace) -> None:
@@ -382,7 +378,7 @@ def check_models(args: argparse.Namespace) -> None:
         check_lora_targets(config, targets)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(DIStarError, RuntimeError):
     """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
 
 
@@ -843,8 +839,9 @@ def export(args, networks, generator_unet, tokenizers, text_encoders, vae, sched
 
 
 #: Errors the user causes and can fix: one line ``train_di_star_sdxl.py: error: …`` and exit 2 (as the `di-star`
-#: commands); ValueError is this codebase's bad-input error (check_args, DIStarConfig, load_prompts, the registry).
-USER_ERRORS = (ValueError, ModelLoadError, ImportError)
+#: commands): the package's DIStarError, and ValueError for bad input checked by libraries (argparse-free checks in
+#: DIStarConfig, load_prompts, the reward registry) and ImportError for a missing optional package.
+USER_ERRORS = (DIStarError, ValueError, ImportError)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -853,7 +850,7 @@ def cli(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("DI_STAR_DEBUG", "") not in ("", "0")
     try:
         return main(parse_args(argv))
-    except (*USER_ERRORS, TrainingStopped) as error:
+    except USER_ERRORS as error:
         if debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__

@@ -1,7 +1,8 @@
 """The ``di-star`` command line: ``di-star generate | demo | export | eval | bench``.
 
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
-Errors a user can fix (:class:`CLIError`, ``runtime.ModelLoadError``) are printed as one line, no traceback, exit 2.
+Errors a user can fix (:class:`~diffusers_di_star.errors.DIStarError`: :class:`CLIError`, ``ModelLoadError``,
+``ExportError``, ...) are printed as one line, no traceback, exit 2.
 Numbers and ``--out`` are checked (:func:`_check_args`) before any handler runs, hence before any model loads.
 """
 
@@ -13,12 +14,13 @@ import math
 import os
 import sys
 
-from .runtime import DTYPES, ModelLoadError, default_device, default_dtype, load_pipeline
+from .errors import DIStarError
+from .runtime import DTYPES, default_device, default_dtype, load_pipeline
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
 
 
-class CLIError(Exception):
+class CLIError(DIStarError):
     """An error with a message that tells the user what to do; printed without a traceback."""
 
 
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         args.func(args)
-    except (CLIError, ModelLoadError) as err:
+    except DIStarError as err:  # every error a user can fix (CLIError, ModelLoadError, ExportError, ...)
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ class DIStarError(Exception):
     """An error whose message names the problem and the fix; printed as one line, without a traceback."""
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
+def first_line(error: BaseException, limit: int | None = 200) -> str:
     """The first non-empty line of ``error``'s message (at most ``limit`` characters), else its class name."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(error).__name__

@@ -9,13 +9,15 @@ import os
 
 import torch
 
+from .errors import DIStarError
+
 __all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
 
 #: The dtype names the command line and the export functions accept.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(DIStarError):
     """A model that cannot be found or read; the message says what to download or which path to pass."""
 
 

@@ -13,12 +13,14 @@ import zipfile
 import torch
 from safetensors.torch import load_file
 
+from .errors import DIStarError, first_line
+
 __all__ = ["CheckpointError", "PICKLE_SUFFIXES", "load_state_dict_file"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DIStarError, ValueError):
     """A weights file that cannot or must not be loaded; the message names the file and says what to do."""
 
 
@@ -43,7 +45,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"refusing to load {path!r}: it is not a plain state dict but a pickle of Python objects, and "
             f"unpickling them could run arbitrary code (torch.load(weights_only=True) said: "
-            f"{str(err).splitlines()[0]}). Convert it to .safetensors in an environment you trust, or ask its "
+            f"{first_line(err, limit=None)}). Convert it to .safetensors in an environment you trust, or ask its "
             f"author for a safetensors file."
         ) from err
     while isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):

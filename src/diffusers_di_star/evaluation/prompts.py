@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..errors import DIStarError
+
 __all__ = ["HPS_STYLES", "PROMPT_SETS", "Prompt", "PromptSet", "PromptSetError", "load_prompt_set"]
 
 #: The HPSv2 benchmark's styles, in the order of its tables.
@@ -31,7 +33,7 @@ _HPD_REPO = "zhwang/HPDv2"
 CSV_PROMPT_COLUMN = "prompt"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(DIStarError, ValueError):
     """A prompt set that cannot be read; the message says what to download or pass instead."""
 
 

@@ -32,6 +32,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import DIStarError, first_line
 from ..rewards import WeightedSumReward, load_reward
 from ..runtime import DTYPES, default_device, load_pipeline
 from .prompts import Prompt, PromptSet
@@ -53,7 +54,7 @@ DEFAULT_GUIDANCE_SCALE = 5.0
 _SEED_STRIDE = 1_000_000  # image i of seed s uses s * _SEED_STRIDE + i: readable, and unique while i < 10^6
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DIStarError, ValueError):
     """An evaluation that cannot run as asked; the message says what to change."""
 
 
@@ -281,7 +282,7 @@ def _load_rewards(metrics: Sequence[str], device: str, options: Mapping) -> Weig
     try:
         return load_reward(",".join(metrics), device=device, **options)
     except OSError as err:  # a checkpoint that is neither local nor reachable
-        reason = str(err).strip().splitlines()[0]
+        reason = first_line(err, limit=None)
         raise EvaluationError(
             f"could not load the rewards {', '.join(metrics)}: {reason} Download their checkpoints on a connected "
             f"machine (docs/rewards.md lists them) or pass local copies as reward options "

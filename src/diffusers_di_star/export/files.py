@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import DIStarError
 from ..runtime import DTYPES
 from ..weights import load_state_dict_file
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class ExportError(Exception):
+class ExportError(DIStarError):
     """A problem with the user's input or output that they can fix; the message says how."""
 
 

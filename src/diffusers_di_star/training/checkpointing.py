@@ -30,6 +30,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Mapping
 
+from ..errors import DIStarError, first_line
 from .resume import check_manifest_contents, compare_settings, tensor_shapes
 
 __all__ = [
@@ -57,7 +58,7 @@ _COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 _INCOMPLETE = re.compile(r"^checkpoint-(\d+)\.tmp$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DIStarError, ValueError):
     """A checkpoint or run folder that cannot be used as asked; the message names it and the fix."""
 
 
@@ -341,13 +342,8 @@ def _probe(checkpoint: str, names=None) -> str | None:
             detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
             return f"{path} holds Python objects, not just weights ({detail or 'refused'}): it could run code"
         except Exception as error:  # what a reader raises for a damaged file varies
-            return f"{path} cannot be read ({type(error).__name__}: {_first_line(error)})"
+            return f"{path} cannot be read ({type(error).__name__}: {first_line(error)})"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
@@ -365,7 +361,7 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
         except CheckpointError:
             raise
         except Exception as error:
-            reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({type(error).__name__}: {_first_line(error)})"
+            reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({type(error).__name__}: {first_line(error)})"
             raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
     return int(manifest["step"])
 

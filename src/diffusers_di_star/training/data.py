@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ..errors import first_line
+
 __all__ = ["DATA_FILE_BUILDERS", "load_prompts", "prompt_batch"]
 
 #: File suffix -> ``datasets`` builder. A ``.txt`` file holds one prompt per line (column ``text``).
@@ -123,7 +125,7 @@ def _load_file(path: str, prompt_column: str | None, split: str, cache_dir: str 
         dataset = datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        reason = first_line(cause, limit=None)
         raise ValueError(f"--train_data_file {path!r} cannot be read as {suffix}: {reason}") from error
     return dataset, prompt_column or ("text" if builder == "text" else "prompt")
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..errors import first_line
 from ..runtime import ModelLoadError
 
 __all__ = ["check_lora_targets", "is_hub_id", "load_unet_config", "model_error"]
@@ -35,7 +36,7 @@ def model_error(flag: str, name: str, error: BaseException, what: str = "an SDXL
     if not is_hub_id(name):
         if not os.path.exists(name):
             return ModelLoadError(f"{flag} {name!r}: no such file or folder; pass {what}.")
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error, limit=None)
         return ModelLoadError(f"{flag} {name!r} is not {what} ({reason}).")
     if isinstance(error, RevisionNotFoundError):
         return ModelLoadError(f"{flag} {name!r}: the Hub repo has no such --revision.")
