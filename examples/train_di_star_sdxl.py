@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -39,15 +38,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_di_star import DIStarSDXLPipeline
+from diffusers_di_star.errors import DIStarError
 from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
-from diffusers_di_star.errors import DIStarError, first_line
 from diffusers_di_star.runtime import ModelLoadError
+from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
 from diffusers_di_star.training import (
-    CFG_MODES,
     DEFAULT_LORA_TARGET_MODULES,
-    DIVERGENCES,
     ROLES,
     DIStarConfig,
     assistant_loss,
@@ -65,6 +63,7 @@ from diffusers_di_star.training.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
+from diffusers_di_star.training.config import add_config_arguments
 from diffusers_di_star.training.distributed import (
     check_engine,
     clip_parameters,
@@ -72,7 +71,7 @@ from diffusers_di_star.training.distributed import (
     local_main_first,
     prepare_networks,
 )
-from diffusers_di_star.training.preflight import check_lora_targets, is_hub_id, load_unet_config
+from diffusers_di_star.training.preflight import check_lora_targets, load_unet_config
 from diffusers_di_star.training.resume import check_step_bound, resume_settings
 from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
 from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
@@ -104,6 +103,12 @@ MIN_VALUES = {
 #: Exclusive bounds.
 OPEN_RANGES = {"learning_rate": (0, math.inf), "assistant_learning_rate": (0, math.inf), "ema_decay": (0, 1)}
 ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
+#: The DIStarConfig fields that are flags as they are (the LoRA ones are resolved from --rank in check_args).
+CONFIG_FLAGS = (
+    "reward_scale", "cfg_mode", "guidance_scale", "cfg_reward_scale", "divergence", "huber_c", "weighting",
+    "min_timestep", "max_timestep", "conditioning_timestep", "assistant_updates_per_step", "resolution",
+)  # fmt: skip
+LORA_RANK_DEFAULT = DIStarConfig.generator_lora_rank
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,13 +129,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="One file inside --pretrained_generator, e.g. dmd2_sdxl_1step_unet_fp16.bin for tianweiy/DMD2.",
     )
-    models.add_argument("--conditioning_timestep", type=int, default=399, help="t* of the one-step map.")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of full UNets.")
     lora.add_argument("--rank", type=int, default=None, help="Both LoRA ranks (Diffusers' examples' flag).")
     for role in ("generator", "assistant"):
-        lora.add_argument(f"--{role}_lora_rank", type=int, default=None, help="Default: --rank, else 64.")
+        lora.add_argument(
+            f"--{role}_lora_rank", type=int, default=None, help=f"Default: --rank, else {LORA_RANK_DEFAULT}."
+        )
         lora.add_argument(f"--{role}_lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
         lora.add_argument(
             f"--{role}_lora_target_modules",
@@ -150,16 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME.OPTION=VALUE",
         help="A reward loader option, e.g. pickscore.model=/ckpt/PickScore_v1 for a local copy (as `di-star eval`).",
     )
-    di_star.add_argument("--reward_scale", type=float, default=100.0, help="α_rew (paper: 100 with PickScore).")
-    di_star.add_argument("--cfg_mode", choices=CFG_MODES, default="inner")
-    di_star.add_argument("--guidance_scale", type=float, default=7.5, help="γ of the CFG-enhanced reference (inner).")
-    di_star.add_argument("--cfg_reward_scale", type=float, default=1.0, help="α_cfg of the implicit CFG reward.")
-    di_star.add_argument("--divergence", choices=DIVERGENCES, default="pseudo_huber")
-    di_star.add_argument("--huber_c", type=float, default=1.0)
-    di_star.add_argument("--weighting", default="sigma", help="w(t): constant, sigma or sigma_squared.")
-    di_star.add_argument("--min_timestep", type=int, default=20)
-    di_star.add_argument("--max_timestep", type=int, default=980)
-    di_star.add_argument("--assistant_updates_per_step", type=int, default=1, help="K_TA (DMD2: 5).")
+    # The DI* settings, with the defaults, choices and descriptions of DIStarConfig (one set for both).
+    add_config_arguments(di_star, CONFIG_FLAGS)
     di_star.add_argument("--assistant_learning_rate", type=float, default=None, help="Default: --learning_rate.")
 
     data = parser.add_argument_group("data")
@@ -172,7 +170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt_column", "--caption_column", default=None, help="Default: 'text' for .txt, 'prompt' otherwise."
     )
     data.add_argument("--cache_dir", default=None)
-    data.add_argument("--resolution", type=int, default=1024)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="di-star-sdxl")
@@ -266,13 +263,15 @@ def check_args(args: argparse.Namespace) -> None:
             f"{', '.join(lora_flags)} only apply to LoRA training: add --use_lora, or drop them for a full finetune."
         )
     for role in ("generator", "assistant"):
-        rank = getattr(args, f"{role}_lora_rank") or args.rank or 64
+        rank = getattr(args, f"{role}_lora_rank") or args.rank or LORA_RANK_DEFAULT
         setattr(args, f"{role}_lora_rank", rank)
         setattr(args, f"{role}_lora_alpha", getattr(args, f"{role}_lora_alpha") or float(rank))
         modules = getattr(args, f"{role}_lora_target_modules") or ",".join(DEFAULT_LORA_TARGET_MODULES)
         setattr(args, f"{role}_lora_target_modules", modules)
     args.validation_prompts = [*(args.validation_prompts or ()), *(args.validation_prompt or ())] or None
     args.reward_options = parse_reward_options(args.reward_option)
+    if problem := reward_option_problem(args.reward_options, "--reward_option"):
+        raise ValueError(problem)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one.")
     check_run_folder(args.output_dir, args.resume_from_checkpoint is not None, args.overwrite_output_dir)
@@ -308,27 +307,14 @@ def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_proc
 
 
 def make_config(args: argparse.Namespace) -> DIStarConfig:
+    lora = {f"{r}_lora_{key}": getattr(args, f"{r}_lora_{key}") for r in ROLE_DIRS for key in ("rank", "alpha")}
+    modules = {
+        f"{role}_lora_target_modules": [m.strip() for m in getattr(args, f"{role}_lora_target_modules").split(",")]
+        for role in ROLE_DIRS
+    }
+    modules = {name: [m for m in value if m] for name, value in modules.items()}
     return DIStarConfig(
-        reward_scale=args.reward_scale,
-        cfg_mode=args.cfg_mode,
-        guidance_scale=args.guidance_scale,
-        cfg_reward_scale=args.cfg_reward_scale,
-        divergence=args.divergence,
-        huber_c=args.huber_c,
-        weighting=args.weighting,
-        min_timestep=args.min_timestep,
-        max_timestep=args.max_timestep,
-        conditioning_timestep=args.conditioning_timestep,
-        assistant_updates_per_step=args.assistant_updates_per_step,
-        resolution=args.resolution,
-        use_lora=args.use_lora,
-        **{
-            f"{role}_lora_{key}": getattr(args, f"{role}_lora_{key}")
-            for role in ("generator", "assistant")
-            for key in ("rank", "alpha")
-        },
-        generator_lora_target_modules=[m.strip() for m in args.generator_lora_target_modules.split(",") if m.strip()],
-        assistant_lora_target_modules=[m.strip() for m in args.assistant_lora_target_modules.split(",") if m.strip()],
+        **{name: getattr(args, name) for name in CONFIG_FLAGS}, use_lora=args.use_lora, **lora, **modules
     )
 
 
@@ -338,31 +324,11 @@ def load_reward(spec: str, **options):
     A checkpoint that is neither local nor reachable names its Hub repos and the ``--reward_option`` for a local copy.
     """
     from diffusers_di_star.rewards import load_reward as load_from_registry
-    from diffusers_di_star.rewards.registry import REWARDS, parse_reward_spec
 
     try:
         return load_from_registry(spec, **options).freeze()
     except OSError as error:
-        sources = [
-            (f"{name}.{option}", default)
-            for name in parse_reward_spec(spec)
-            for option, default in _loader_defaults(REWARDS[name].loader).items()
-            if isinstance(default, str) and is_hub_id(default) and "/" in default
-        ]
-        raise ValueError(
-            f"--reward {spec!r}: a checkpoint is not in the local Hugging Face cache and the Hub is unreachable "
-            f"({first_line(error, limit=None)}). Download {', '.join(sorted({repo for _, repo in sources}))} on a connected "
-            "machine, or pass local copies: "
-            + " ".join(f"--reward_option {option}=PATH" for option, _ in sources)
-        ) from error
-
-
-def _loader_defaults(loader) -> dict:
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(loader).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
+        raise ValueError(reward_load_failure(spec, options, error, "--reward_option")) from error
 
 
 def check_models(args: argparse.Namespace) -> None:
@@ -370,8 +336,8 @@ def check_models(args: argparse.Namespace) -> None:
     config = load_unet_config(args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
-        if name is not None and not is_hub_id(name) and not os.path.exists(name):
-            raise ModelLoadError(f"--{flag} {name!r}: no such file or folder.")
+        if name is not None and (problem := local_path_problem(f"--{flag}", name, "a local file or folder")):
+            raise ModelLoadError(problem)
     if args.use_lora:
         di_star = make_config(args)
         targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in ROLE_DIRS}

@@ -29,7 +29,8 @@ def fresh_accelerate_and_stub_reward(script, monkeypatch):
 
 
 def settings(script, tmp_path, model, *extra):
-    return json.loads(json.dumps(resume_settings(script.parse_args(train_args(model, "p.txt", tmp_path / "o", *extra)))))
+    args = script.parse_args(train_args(model, "p.txt", tmp_path / "o", *extra))
+    return json.loads(json.dumps(resume_settings(args)))
 
 
 def test_the_table_decides_each_flag(script, tiny_sdxl_dir, tmp_path):

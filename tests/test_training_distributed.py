@@ -153,7 +153,8 @@ LORA = ["--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4"
 
 @pytest.fixture(scope="module")
 def runs(tiny_sdxl_dir, tmp_path_factory):
-    """Two launches: DDP (LoRA, full, full stopped by SIGTERM on rank 1 and resumed) and FSDP (LoRA refused, full with validation, full resumed from checkpoint-1)."""
+    """Two launches: DDP (LoRA, full, full stopped by SIGTERM on rank 1 and resumed) and FSDP
+    (LoRA refused, full with validation, full resumed from checkpoint-1)."""
     ddp, fsdp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("fsdp")
     ddp_probe = launch(
         ddp,

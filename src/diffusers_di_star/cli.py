@@ -14,8 +14,10 @@ import math
 import os
 import sys
 
-from .errors import DIStarError
+from .errors import DIStarError, first_line
 from .runtime import DTYPES, default_device, default_dtype, load_pipeline
+from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
+from .sources import reward_option_problem
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
 
@@ -243,7 +245,11 @@ def _cmd_eval(args) -> None:
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
     reward_options = _parse_reward_options(args.reward_option)
-    metrics = [name.strip() for name in args.metrics.split(",")] if args.metrics else None
+    if problem := reward_option_problem(reward_options, "--reward-option"):
+        raise CLIError(problem)
+    metrics = None if args.metrics is None else [name.strip() for name in args.metrics.split(",") if name.strip()]
+    if metrics == []:
+        raise CLIError("--metrics is empty: name at least one reward, e.g. --metrics pickscore (or drop the flag).")
     try:
         prompt_set = evaluation.load_prompt_set(args.prompts)
         sampling = {"steps": args.steps, "guidance_scale": args.guidance_scale, "variant": args.variant}
@@ -361,8 +367,8 @@ _NUMBER_RANGES = {
     "seed": (0, 2**32 - 1),
     "height": (1, None),
     "width": (1, None),
-    "num_images": (1, None),
-    "batch_size": (1, None),
+    "num_images": (1, MAX_BATCH_SIZE),
+    "batch_size": (1, MAX_BATCH_SIZE),
     "num_prompts": (1, None),
     "steps": (1, None),
     "guidance_scale": (0.0, None),
@@ -419,15 +425,39 @@ def _check_args(args) -> None:
             _check_number(dest, getattr(args, dest))
     height, width = getattr(args, "height", None), getattr(args, "width", None)
     if height is not None and width is not None:
-        from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
-
         if height * width > MAX_IMAGE_PIXELS:
             raise CLIError(
                 f"--height {height} --width {width} is {height * width:,} pixels, above the limit of "
                 f"{MAX_IMAGE_PIXELS:,} (4096×4096) per image; pass a smaller size (docs/pipeline.md)."
             )
+    if args.command == "generate" and args.num_images * min(args.batch_size, _prompt_count(args)) > MAX_BATCH_SIZE:
+        raise CLIError(
+            f"--num-images {args.num_images} × --batch-size {args.batch_size} is more than {MAX_BATCH_SIZE} images "
+            "in one pipeline call: lower --batch-size (the images are the same whatever the batch)."
+        )
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
     if getattr(args, "out", None) is not None:
         _check_out(args.out, is_folder=args.command != "export")
+
+
+def _prompt_count(args) -> int:
+    return len(args.prompt) + (1 if args.prompt_file else 0) or 1  # a prompt file counts as at least one
+
+
+def _check_device(device: str) -> None:
+    """``--device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {device!r} is not a device name ({first_line(err)}); pass e.g. cpu or cuda.") from None
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise CLIError(f"--device {device!r}: no {parsed.type} device is available here; pass --device cpu.")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise CLIError(f"--device {device!r}: this machine has {backend.device_count()} {parsed.type} device(s).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = f": finished images are kept, rerun the same command to resume" if args.command == "eval" else ""
+        resume = ": finished images are kept, rerun the same command to resume" if args.command == "eval" else ""
         print(f"\ndi-star {args.command}: interrupted{resume}.", file=sys.stderr)
         return 130
     return 0

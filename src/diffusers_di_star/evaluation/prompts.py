@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -210,7 +210,7 @@ def _load_hpsv2() -> PromptSet:
         raise PromptSetError(
             f"could not find the HPSv2 benchmark prompts: not in an installed hpsv2 package or hpsv2's cache "
             f"({_hps_local_folders()[-1]}), and the Hub dataset {_HPD_REPO!r} is unreachable (or HF_HUB_OFFLINE is "
-            f"set). On a connected machine run `huggingface-cli download {_HPD_REPO} --repo-type dataset --include "
+            f"set). On a connected machine run `hf download {_HPD_REPO} --repo-type dataset --include "
             f"'benchmark/*.json' --local-dir HPDv2` and pass the folder HPDv2/benchmark instead of hpsv2."
         ) from err
     return _read_style_files("hpsv2", files)

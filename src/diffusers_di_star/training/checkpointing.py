@@ -361,14 +361,15 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
         except CheckpointError:
             raise
         except Exception as error:
-            reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({type(error).__name__}: {first_line(error)})"
+            reason = f"{checkpoint} cannot be loaded ({type(error).__name__}: {first_line(error)})"
+            reason = _probe(checkpoint) or reason
             raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
     return int(manifest["step"])
 
 
 @contextlib.contextmanager
 def _quiet_refusals():
-    """torch warns "Detected pickle protocol 4" before a weights-only load refuses a pickle: the refusal says it all."""
+    """Without torch's "Detected pickle protocol 4" warning, printed before a weights-only load refuses a pickle."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         yield

@@ -46,7 +46,7 @@ def load_prompts(
     elif train_data_file is not None:
         dataset, prompt_column = _load_file(location, prompt_column, split, cache_dir)
     else:
-        from ..training.preflight import is_hub_id
+        from ..sources import is_hub_id, not_cached
 
         if not is_hub_id(location):
             raise ValueError(
@@ -57,10 +57,9 @@ def load_prompts(
         try:
             dataset = datasets.load_dataset(location, dataset_config_name, split=split, cache_dir=cache_dir)
         except (ConnectionError, FileNotFoundError) as error:  # offline, or no such Hub dataset
+            what = "a `save_to_disk` folder or a prompt file with --train_data_file"
             raise ValueError(
-                f"--dataset_name {location!r}: not in the local datasets cache and the Hub is unreachable (or "
-                f"HF_HUB_OFFLINE is set), or no such Hub dataset. Download it on a connected machine with "
-                f"`hf download {location} --repo-type dataset`, or pass a local file with --train_data_file."
+                not_cached("--dataset_name", location, what, repo_type="dataset") + " (Or no such Hub dataset.)"
             ) from error
     source = location
     if prompt_column not in dataset.column_names:

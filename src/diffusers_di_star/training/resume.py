@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LORA = tuple(f"{role}_lora_{key}" for role in ("generator", "assistant") for key in ("rank", "alpha", "target_modules"))
+_LORA = tuple(f"{r}_lora_{key}" for r in ("generator", "assistant") for key in ("rank", "alpha", "target_modules"))
 
 #: The one table: flag -> what a resume may do with it.
 RESUME_POLICY: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""SIGTERM (what Slurm and Kubernetes send before preemption) stops a run at the next step boundary, every rank together.
+"""SIGTERM (what Slurm and Kubernetes send before preemption) stops a run at the next step boundary, all ranks at once.
 
 The handler only sets a flag: the step in progress finishes. At each step boundary :meth:`StopRequest.agreed` sums
 the flag over the ranks (one all-reduce of one number), so a signal that reached any rank, or all of them, makes
