@@ -34,11 +34,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, U
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusers_di_star import DIStarSDXLPipeline
-from diffusers_di_star.errors import DIStarError
+from diffusers_di_star.errors import DIStarError, is_disk_full
 from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
@@ -348,16 +349,25 @@ class TrainingStopped(DIStarError, RuntimeError):
     """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
 
 
+def last_checkpoint_note(output_dir: str) -> str:
+    complete = checkpoint_dirs(output_dir)
+    if not complete:
+        return "no checkpoint was saved yet"
+    return f"the last checkpoint, {complete[-1]}, is intact (--resume_from_checkpoint latest)"
+
+
 def non_finite_message(output_dir: str, skipped: int) -> str:
-    complete = checkpoint_dirs(output_dir)  # skipped steps change no weight: the newest checkpoint is finite
-    saved = (
-        f"the last checkpoint, {complete[-1]}, is intact (--resume_from_checkpoint latest)"
-        if complete
-        else "no checkpoint was saved yet"
-    )
+    # skipped steps change no weight: the newest checkpoint is finite
     return (
-        f"{skipped} non-finite steps in a row: stopping; {saved}. Lower the learning rate or the reward scale, "
-        "or try --mixed_precision bf16."
+        f"{skipped} non-finite steps in a row: stopping; {last_checkpoint_note(output_dir)}. Lower the learning rate "
+        "or the reward scale, or try --mixed_precision bf16."
+    )
+
+
+def disk_full_message(output_dir: str, lost: str) -> str:
+    return (
+        f"disk full at {output_dir}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
+        "--checkpoints_total_limit)."
     )
 
 
@@ -521,9 +531,11 @@ def main(args: argparse.Namespace) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    check_process_group(accelerator.num_processes)  # before the state block: a refused launch prints one line
+    check_process_group(accelerator.num_processes)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    # accelerate logs every file of every save at INFO; checkpointing.py logs one line per checkpoint instead.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # A mode the engine cannot run fails now, in one line (DeepSpeed; LoRA or EMA under FSDP).
     sharded = check_engine(
         accelerator.distributed_type,
@@ -543,6 +555,7 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
+    logger.info(accelerator.state, main_process_only=False)  # after the refusals above: they stay one line
     # Data and reward first: a bad file, column or reward spec fails before the UNets are loaded. A Hub dataset is
     # downloaded once per node, the other ranks read the cache.
     prompts = local_main_first(
@@ -648,9 +661,14 @@ def main(args: argparse.Namespace) -> int:
 
     def save(step):
         settings = resume_settings(args)
-        save_checkpoint(
-            accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
-        )
+        try:
+            save_checkpoint(
+                accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
+            )
+        except (OSError, SafetensorError) as error:
+            if not is_disk_full(error):
+                raise
+            raise TrainingStopped(disk_full_message(args.output_dir, f"checkpoint-{step} was not written")) from None
         return step
 
     def conditioning_batches(step):
@@ -757,7 +775,13 @@ def main(args: argparse.Namespace) -> int:
     generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
-        status = export(args, networks, generator, tokenizers, text_encoders, vae, scheduler)
+        try:
+            status = export(args, networks, generator, tokenizers, text_encoders, vae, scheduler)
+        except (OSError, SafetensorError) as error:
+            if not is_disk_full(error):
+                raise
+            lost = "the final weights were not all written"
+            raise TrainingStopped(disk_full_message(args.output_dir, lost)) from None
     accelerator.end_training()
     if accelerator.is_main_process:
         run_lock.release()

@@ -1,5 +1,6 @@
 """The roots of the edge cases (one error base, one source resolver, one set of DI* defaults) and the edges."""
 
+import errno
 import os
 
 import pytest
@@ -74,3 +75,116 @@ def test_ctrl_c_in_eval_says_how_to_resume(monkeypatch, tmp_path, capsys):
         "di-star eval: interrupted: finished images are kept, rerun the same command to resume."
     )
     assert os.listdir(tmp_path) == []
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_is_one_line_and_nothing_is_half_written(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
+    import diffusers_di_star.export.files as files
+
+    out = tmp_path / "unet.safetensors"
+    monkeypatch.setattr(files, "save_file", enospc)
+    argv = ["export", "--model", tiny_sdxl_dir, "--format", "comfyui-unet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"di-star export: error: disk full at {tmp_path}: nothing was written ({str(out)!r} was not " \
+        "created); free space or pass another --out.\n"
+    assert os.listdir(tmp_path) == []
+
+    from PIL import Image
+
+    import diffusers_di_star.cli as cli
+
+    monkeypatch.setattr(Image.Image, "save", enospc)
+    with pytest.raises(cli.CLIError, match=f"disk full at {tmp_path}: .*000.png was not written"):
+        cli._save_new_png(Image.new("RGB", (8, 8)), str(tmp_path / "000.png"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tmp_path, monkeypatch, caplog):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from test_training_script import LORA, run, train_args
+    from training_helpers import PatternReward
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
+    save_state, calls = Accelerator.save_state, []
+
+    def full_at_second_save(self, folder, *args, **kwargs):
+        calls.append(folder)
+        return enospc() if len(calls) == 2 else save_state(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_second_save)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    caplog.set_level("INFO")
+    args = train_args(tiny_sdxl_dir, str(prompts), tmp_path / "out", *LORA, "--checkpointing_steps", "1")
+    with pytest.raises(script.TrainingStopped) as stopped:
+        run(script, *args)
+    assert str(stopped.value) == (
+        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written; the last checkpoint, checkpoint-1, is intact "
+        "(--resume_from_checkpoint latest). Free some space (or use --checkpoints_total_limit)."
+    )
+    assert "Saving current state" not in caplog.text and "saved " in caplog.text  # one line of ours per save
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "a", "--num-images", "100000000"], "--num-images must be in [1, 256], got 100000000."),
+        (["generate", "--prompt", "a", "--prompt", "b", "--num-images", "200", "--batch-size", "2"],
+         "--num-images 200 × --batch-size 2 is more than 256 images in one pipeline call"),
+        (["generate", "--prompt", "a", "--device", "cudaa"], "--device 'cudaa' is not a device"),
+        (["bench", "--device", "cuda:0"], "--device 'cuda:0': no cuda device is available here; pass --device cpu."),
+        (["eval", "--model", "m", "--prompts", "p", "--metrics", ""], "--metrics is empty: name at least one reward"),
+        (["eval", "--model", "m", "--prompts", "p", "--metrics", " , "], "--metrics is empty"),
+    ],
+)  # fmt: skip
+def test_cli_edges_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    import diffusers_di_star.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_damaged_single_file_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
+    weights = os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors")
+    truncated = tmp_path / "unet.safetensors"
+    truncated.write_bytes(open(weights, "rb").read()[:1000])
+    for fmt in ("comfyui-unet", "diffusers"):
+        argv = ["export", "--model", str(truncated), "--format", fmt, "--out", str(tmp_path / f"o-{fmt}")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"di-star export: error: {str(truncated)!r} is damaged or not a safetensors file (")
+        assert err.count("\n") == 1
+
+
+def test_trainer_edges(script, tmp_path):
+    with pytest.raises(ValueError, match="--output_dir is empty: pass a folder"):
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", ""])
+    from diffusers_di_star.training import load_prompts
+
+    (tmp_path / "header.csv").write_text("prompt\n")
+    with pytest.raises(ValueError, match=r"--train_data_file '.*header.csv' holds no prompts"):
+        load_prompts(None, str(tmp_path / "header.csv"))
+
+
+def test_pipeline_refuses_float_sizes_nan_latents_and_huge_batches(tiny_components):
+    import torch
+
+    from diffusers_di_star import DIStarSDXLPipeline
+
+    pipe = DIStarSDXLPipeline(**tiny_components)
+    with pytest.raises(ValueError, match="`height` must be an integer number of pixels, got the float 64.0"):
+        pipe("a", height=64.0, width=64)
+    latents = torch.full((1, 4, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="`latents` hold NaN or infinite values"):
+        pipe("a", height=64, width=64, latents=latents)
+    with pytest.raises(ValueError, match=r"1,000,000,000 images in one call .* above the limit of 256"):
+        pipe("a", height=64, width=64, num_images_per_prompt=10**9)

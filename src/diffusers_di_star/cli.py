@@ -14,9 +14,9 @@ import math
 import os
 import sys
 
-from .errors import DIStarError, first_line
-from .runtime import DTYPES, default_device, default_dtype, load_pipeline
+from .errors import DIStarError, first_line, is_disk_full
 from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
+from .runtime import DTYPES, default_device, default_dtype, load_pipeline
 from .sources import reward_option_problem
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
@@ -78,6 +78,13 @@ def _save_new_png(image, path: str) -> str:
             return candidate
         except FileExistsError:
             continue
+        except OSError as err:
+            if is_disk_full(err):
+                raise CLIError(
+                    f"disk full at {os.path.dirname(path) or '.'}: {candidate} was not written (the images listed "
+                    "before it are complete); free some space, or pass another --out."
+                ) from None
+            raise
 
 
 def _cmd_generate(args) -> None:
@@ -452,7 +459,7 @@ def _check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise CLIError(f"--device {device!r} is not a device name ({first_line(err)}); pass e.g. cpu or cuda.") from None
+        raise CLIError(f"--device {device!r} is not a device ({first_line(err)}); pass e.g. cpu or cuda.") from None
     backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
     if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
         raise CLIError(f"--device {device!r}: no {parsed.type} device is available here; pass --device cpu.")

@@ -6,7 +6,9 @@ and print its message as one line (no traceback; ``--debug`` or ``DI_STAR_DEBUG=
 
 from __future__ import annotations
 
-__all__ = ["DIStarError", "first_line"]
+import errno
+
+__all__ = ["DIStarError", "first_line", "is_disk_full"]
 
 
 class DIStarError(Exception):
@@ -17,3 +19,9 @@ def first_line(error: BaseException, limit: int | None = 200) -> str:
     """The first non-empty line of ``error``'s message (at most ``limit`` characters), else its class name."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(error).__name__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space: ``ENOSPC``/``EDQUOT``, or safetensors' size check after a short write
+    ("unexpected pos …", its error when the disk fills during ``save_file``)."""
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error)

@@ -11,17 +11,25 @@ import pickle
 import zipfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import DIStarError, first_line
 
-__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "load_state_dict_file"]
+__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "damaged_safetensors", "load_state_dict_file"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(DIStarError, ValueError):
     """A weights file that cannot or must not be loaded; the message names the file and says what to do."""
+
+
+def damaged_safetensors(path: str, error: BaseException) -> CheckpointError:
+    """The one line for a ``.safetensors`` file that cannot be read (truncated, damaged, or another format)."""
+    return CheckpointError(
+        f"{path!r} is damaged or not a safetensors file ({first_line(error)}); download or export it again."
+    )
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -35,7 +43,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"no such weights file: {path!r}.")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, damaged, or not safetensors at all
+            raise damaged_safetensors(path, err) from None
     if not path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path!r}: unknown weights format; expected .safetensors or one of {PICKLE_SUFFIXES}.")
     try:

@@ -97,7 +97,10 @@ def on_main_process(accelerator, fn: Callable, *args, **kwargs):
 
 
 def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse an ``output_dir`` that is a file, unwritable, or holds another run, unless resuming or overwriting."""
+    """Refuse an ``output_dir`` that is empty, a file, unwritable, or holds another run (unless resuming or
+    overwriting it)."""
+    if not output_dir.strip():
+        raise CheckpointError("--output_dir is empty: pass a folder (it is created if missing).")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output_dir {output_dir!r} is a file: pass a folder (it is created if missing).")
     existing = os.path.abspath(output_dir)

@@ -122,6 +122,8 @@ def _load_file(path: str, prompt_column: str | None, split: str, cache_dir: str 
             )
     try:
         dataset = datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
+    except ValueError as error:  # e.g. a CSV holding only its header: 'Instruction "train" corresponds to no data!'
+        raise ValueError(f"--train_data_file {path!r} holds no prompts ({first_line(error)}).") from error
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
         reason = first_line(cause, limit=None)
