@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -34,15 +33,16 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from diffusers_di_star.errors import DIStarError, is_disk_full
 from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.one_step import DEFAULT_CONDITIONING_TIMESTEP
 from diffusers_di_star.runtime import ModelLoadError
+from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
 from diffusers_di_star.training import (
-    CFG_MODES,
     DEFAULT_LORA_TARGET_MODULES,
-    DIVERGENCES,
     ROLES,
     DIStarConfig,
     assistant_loss,
@@ -56,10 +56,10 @@ from diffusers_di_star.training.checkpointing import (
     checkpoint_dirs,
     load_checkpoint,
     on_main_process,
-    remove_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
+from diffusers_di_star.training.config import add_config_arguments
 from diffusers_di_star.training.ema import ShardedEMA
 from diffusers_di_star.training.engine import (
     ROLE_DIRS,
@@ -77,9 +77,11 @@ from diffusers_di_star.training.engine import (
 from diffusers_di_star.training.preflight import (
     check_lora_targets,
     detect_model_family,
-    is_hub_id,
     load_network_config,
 )
+from diffusers_di_star.training.resume import check_step_bound, resume_settings
+from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
+from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
 
 logger = get_logger(__name__)
 
@@ -89,18 +91,6 @@ LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.P
 LORA_FLAGS = ("rank",) + tuple(
     f"{role}_lora_{key}" for role in ("generator", "assistant") for key in ("rank", "alpha", "target_modules")
 )
-#: What a resume must repeat, because it decides the networks' shapes, the optimiser state or the objective.
-RESUME_FLAGS = (
-    "pretrained_model_name_or_path",
-    "pretrained_generator",
-    "pretrained_generator_weight_name",
-    "use_lora",
-    "use_ema",
-    "divergence",
-    "cfg_mode",
-    "use_8bit_adam",
-)
-LORA_RESUME_FLAGS = LORA_FLAGS[1:]
 MIN_VALUES = {
     "train_batch_size": 1,
     "max_train_steps": 1,
@@ -118,6 +108,13 @@ MIN_VALUES = {
 }
 #: Exclusive bounds.
 OPEN_RANGES = {"learning_rate": (0, math.inf), "assistant_learning_rate": (0, math.inf), "ema_decay": (0, 1)}
+#: The DIStarConfig fields that are flags as they are (the LoRA ones are resolved from --rank in check_args;
+#: conditioning_timestep is a family's default, resolved in check_models).
+CONFIG_FLAGS = (
+    "reward_scale", "cfg_mode", "guidance_scale", "cfg_reward_scale", "divergence", "huber_c", "weighting",
+    "min_timestep", "max_timestep", "assistant_updates_per_step", "resolution",
+)  # fmt: skip
+LORA_RANK_DEFAULT = DIStarConfig.generator_lora_rank
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,7 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of full UNets.")
     lora.add_argument("--rank", type=int, default=None, help="Both LoRA ranks (Diffusers' examples' flag).")
     for role in ("generator", "assistant"):
-        lora.add_argument(f"--{role}_lora_rank", type=int, default=None, help="Default: --rank, else 64.")
+        lora.add_argument(
+            f"--{role}_lora_rank", type=int, default=None, help=f"Default: --rank, else {LORA_RANK_DEFAULT}."
+        )
         lora.add_argument(f"--{role}_lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
         lora.add_argument(
             f"--{role}_lora_target_modules",
@@ -169,16 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME.OPTION=VALUE",
         help="A reward loader option, e.g. pickscore.model=/ckpt/PickScore_v1 for a local copy (as `di-star eval`).",
     )
-    di_star.add_argument("--reward_scale", type=float, default=100.0, help="α_rew (paper: 100 with PickScore).")
-    di_star.add_argument("--cfg_mode", choices=CFG_MODES, default="inner")
-    di_star.add_argument("--guidance_scale", type=float, default=7.5, help="γ of the CFG-enhanced reference (inner).")
-    di_star.add_argument("--cfg_reward_scale", type=float, default=1.0, help="α_cfg of the implicit CFG reward.")
-    di_star.add_argument("--divergence", choices=DIVERGENCES, default="pseudo_huber")
-    di_star.add_argument("--huber_c", type=float, default=1.0)
-    di_star.add_argument("--weighting", default="sigma", help="w(t): constant, sigma or sigma_squared.")
-    di_star.add_argument("--min_timestep", type=int, default=20)
-    di_star.add_argument("--max_timestep", type=int, default=980)
-    di_star.add_argument("--assistant_updates_per_step", type=int, default=1, help="K_TA (DMD2: 5).")
+    # The DI* settings, with the defaults, choices and descriptions of DIStarConfig (one set for both).
+    add_config_arguments(di_star, CONFIG_FLAGS)
     di_star.add_argument("--assistant_learning_rate", type=float, default=None, help="Default: --learning_rate.")
 
     data = parser.add_argument_group("data")
@@ -191,14 +182,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt_column", "--caption_column", default=None, help="Default: 'text' for .txt, 'prompt' otherwise."
     )
     data.add_argument("--cache_dir", default=None)
-    data.add_argument("--resolution", type=int, default=1024)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="di-star-sdxl")
     train.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Start a new run in an --output_dir that holds another run (its checkpoints are deleted).",
+        help="Start a new run in an --output_dir that holds another run: what that run wrote is removed (checkpoints, "
+        "weights, images, logs, model card); other files stay.",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
@@ -236,6 +227,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     logs.add_argument("--checkpointing_steps", type=int, default=500)
     logs.add_argument("--checkpoints_total_limit", type=int, default=None)
     logs.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    logs.add_argument(
+        "--allow_model_change",
+        action="store_true",
+        help="Resume although a model path names other configs than the checkpoint's (e.g. a re-downloaded copy).",
+    )
     logs.add_argument("--validation_prompts", nargs="*", default=None)
     logs.add_argument(
         "--validation_prompt", action="append", default=None, help="One validation prompt (repeatable; Diffusers)."
@@ -279,13 +275,15 @@ def check_args(args: argparse.Namespace) -> None:
             f"{', '.join(lora_flags)} only apply to LoRA training: add --use_lora, or drop them for a full finetune."
         )
     for role in ("generator", "assistant"):
-        rank = getattr(args, f"{role}_lora_rank") or args.rank or 64
+        rank = getattr(args, f"{role}_lora_rank") or args.rank or LORA_RANK_DEFAULT
         setattr(args, f"{role}_lora_rank", rank)
         setattr(args, f"{role}_lora_alpha", getattr(args, f"{role}_lora_alpha") or float(rank))
         modules = getattr(args, f"{role}_lora_target_modules") or ",".join(DEFAULT_LORA_TARGET_MODULES)
         setattr(args, f"{role}_lora_target_modules", modules)
     args.validation_prompts = [*(args.validation_prompts or ()), *(args.validation_prompt or ())] or None
     args.reward_options = parse_reward_options(args.reward_option)
+    if problem := reward_option_problem(args.reward_options, "--reward_option"):
+        raise ValueError(problem)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: pass one.")
     check_run_folder(args.output_dir, args.resume_from_checkpoint is not None, args.overwrite_output_dir)
@@ -328,43 +326,21 @@ def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_proc
         logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
 
 
-def resume_settings(args: argparse.Namespace) -> dict:
-    """The flags a resume must repeat (:data:`RESUME_FLAGS`), as recorded in each checkpoint; local paths absolute."""
-    flags = RESUME_FLAGS + (LORA_RESUME_FLAGS if args.use_lora else ())
-    settings = {flag: getattr(args, flag) for flag in flags}
-    for flag in ("pretrained_model_name_or_path", "pretrained_generator"):
-        if settings[flag] is not None and os.path.exists(settings[flag]):
-            settings[flag] = os.path.abspath(settings[flag])
-    for flag in flags:
-        if flag.endswith("_target_modules"):
-            settings[flag] = [name.strip() for name in settings[flag].split(",")]
-    return settings
-
-
 def make_config(args: argparse.Namespace) -> DIStarConfig:
+    lora = {f"{r}_lora_{key}": getattr(args, f"{r}_lora_{key}") for r in ROLE_DIRS for key in ("rank", "alpha")}
+    modules = {
+        f"{role}_lora_target_modules": [m.strip() for m in getattr(args, f"{role}_lora_target_modules").split(",")]
+        for role in ROLE_DIRS
+    }
+    modules = {name: [m for m in value if m] for name, value in modules.items()}
     return DIStarConfig(
-        reward_scale=args.reward_scale,
-        cfg_mode=args.cfg_mode,
-        guidance_scale=args.guidance_scale,
-        cfg_reward_scale=args.cfg_reward_scale,
-        divergence=args.divergence,
-        huber_c=args.huber_c,
-        weighting=args.weighting,
-        min_timestep=args.min_timestep,
-        max_timestep=args.max_timestep,
+        **{name: getattr(args, name) for name in CONFIG_FLAGS},
         conditioning_timestep=(
             DEFAULT_CONDITIONING_TIMESTEP if args.conditioning_timestep is None else args.conditioning_timestep
         ),  # None until check_models reads the family's default
-        assistant_updates_per_step=args.assistant_updates_per_step,
-        resolution=args.resolution,
         use_lora=args.use_lora,
-        **{
-            f"{role}_lora_{key}": getattr(args, f"{role}_lora_{key}")
-            for role in ("generator", "assistant")
-            for key in ("rank", "alpha")
-        },
-        generator_lora_target_modules=[m.strip() for m in args.generator_lora_target_modules.split(",") if m.strip()],
-        assistant_lora_target_modules=[m.strip() for m in args.assistant_lora_target_modules.split(",") if m.strip()],
+        **lora,
+        **modules,
     )
 
 
@@ -374,36 +350,11 @@ def load_reward(spec: str, **options):
     A checkpoint that is neither local nor reachable names its Hub repos and the ``--reward_option`` for a local copy.
     """
     from diffusers_di_star.rewards import load_reward as load_from_registry
-    from diffusers_di_star.rewards.registry import REWARDS, parse_reward_spec
 
     try:
         return load_from_registry(spec, **options).freeze()
     except OSError as error:
-        sources = [
-            (f"{name}.{option}", default)
-            for name in parse_reward_spec(spec)
-            for option, default in _loader_defaults(REWARDS[name].loader).items()
-            if isinstance(default, str) and is_hub_id(default) and "/" in default
-        ]
-        raise ValueError(
-            f"--reward {spec!r}: a checkpoint is not in the local Hugging Face cache and the Hub is unreachable "
-            f"({_first_line(error)}). Download {', '.join(sorted({repo for _, repo in sources}))} on a connected "
-            "machine, or pass local copies: "
-            + " ".join(f"--reward_option {option}=PATH" for option, _ in sources)
-        ) from error
-
-
-def _loader_defaults(loader) -> dict:
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(loader).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise ValueError(reward_load_failure(spec, options, error, "--reward_option")) from error
 
 
 def check_models(args: argparse.Namespace):
@@ -416,8 +367,8 @@ def check_models(args: argparse.Namespace):
     config = load_network_config(family_class, args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
-        if name is not None and not is_hub_id(name) and not os.path.exists(name):
-            raise ModelLoadError(f"--{flag} {name!r}: no such file or folder.")
+        if name is not None and (problem := local_path_problem(f"--{flag}", name, "a local file or folder")):
+            raise ModelLoadError(problem)
     if args.use_lora:
         di_star = make_config(args)
         targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in ROLE_DIRS}
@@ -425,20 +376,29 @@ def check_models(args: argparse.Namespace):
     return family_class
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(DIStarError, RuntimeError):
     """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
 
 
+def last_checkpoint_note(output_dir: str) -> str:
+    complete = checkpoint_dirs(output_dir)
+    if not complete:
+        return "no checkpoint was saved yet"
+    return f"the last checkpoint, {complete[-1]}, is intact (--resume_from_checkpoint latest)"
+
+
 def non_finite_message(output_dir: str, skipped: int) -> str:
-    complete = checkpoint_dirs(output_dir)  # skipped steps change no weight: the newest checkpoint is finite
-    saved = (
-        f"the last checkpoint, {complete[-1]}, is intact (--resume_from_checkpoint latest)"
-        if complete
-        else "no checkpoint was saved yet"
-    )
+    # skipped steps change no weight: the newest checkpoint is finite
     return (
-        f"{skipped} non-finite steps in a row: stopping; {saved}. Lower the learning rate or the reward scale, "
-        "or try --mixed_precision bf16."
+        f"{skipped} non-finite steps in a row: stopping; {last_checkpoint_note(output_dir)}. Lower the learning rate "
+        "or the reward scale, or try --mixed_precision bf16."
+    )
+
+
+def disk_full_message(output_dir: str, lost: str) -> str:
+    return (
+        f"disk full at {output_dir}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
+        "--checkpoints_total_limit)."
     )
 
 
@@ -518,8 +478,11 @@ def main(args: argparse.Namespace) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    check_process_group(accelerator.num_processes)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    # accelerate logs every file of every save at INFO; checkpointing.py logs one line per checkpoint instead.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # A mode the engine cannot run fails now, in one line (DeepSpeed; LoRA or EMA under FSDP).
     sharded = check_engine(
         accelerator.distributed_type,
@@ -530,11 +493,16 @@ def main(args: argparse.Namespace) -> int:
     check_accelerator(accelerator)
     # The run folder, the checkpoint to resume (settings checked) and the Hub repo are settled before anything loads,
     # decided by the main process for every rank: a mismatch or a bad token fails in seconds, not after the run.
+    # One owner per run folder: the main process takes the lock, every rank gets its outcome.
+    run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
-        on_main_process(accelerator, remove_checkpoints, args.output_dir)
-    resume = resolve_resume(accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args))
+        on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
+    resume = resolve_resume(
+        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
+    )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
+    logger.info(accelerator.state, main_process_only=False)  # after the refusals above: they stay one line
     # Data and reward first: a bad file, column or reward spec fails before the UNets are loaded. A Hub dataset is
     # downloaded once per node, the other ranks read the cache.
     prompts = local_main_first(
@@ -628,6 +596,20 @@ def main(args: argparse.Namespace) -> int:
         load = functools.partial(load_state, accelerator, networks, optimisation)
         global_step = load_checkpoint(accelerator, resume, load, ema)
         logger.info(f"resumed from {resume} at step {global_step}")
+        check_step_bound(global_step, args.max_train_steps, resume)  # (--num_train_epochs: known only now)
+    saved_step = global_step  # the step of the newest checkpoint on disk (0: none needed yet)
+
+    def save(step):
+        settings = resume_settings(args)
+        try:
+            save_checkpoint(
+                accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
+            )
+        except (OSError, SafetensorError) as error:
+            if not is_disk_full(error):
+                raise
+            raise TrainingStopped(disk_full_message(args.output_dir, f"checkpoint-{step} was not written")) from None
+        return step
 
     def conditioning_batches(step):
         for micro in range(args.gradient_accumulation_steps):
@@ -640,7 +622,10 @@ def main(args: argparse.Namespace) -> int:
     )
     skipped = 0
     gas = args.gradient_accumulation_steps
+    stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
+        if stop.agreed(accelerator):
+            break
         batches = list(conditioning_batches(global_step))
         # Noise and timesteps from a pure function of (seed, step, process): a resumed run draws the same ones.
         rng = torch.Generator(accelerator.device).manual_seed(
@@ -687,15 +672,7 @@ def main(args: argparse.Namespace) -> int:
         accelerator.log(logs, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(
-                accelerator,
-                args.output_dir,
-                global_step,
-                accelerator.save_state,
-                resume_settings(args),
-                args.checkpoints_total_limit,
-                ema,
-            )
+            saved_step = save(global_step)
         if args.validation_prompts and global_step % args.validation_steps == 0:
             generator = gather_unet(accelerator, networks, "generator")  # all ranks: a gather under FSDP
             if accelerator.is_main_process:
@@ -703,6 +680,21 @@ def main(args: argparse.Namespace) -> int:
                 paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
     progress.close()
+    stop.restore()
+    if global_step < args.max_train_steps:  # stopped by a SIGTERM on some rank: every rank is here
+        if global_step > saved_step:
+            saved_step = save(global_step)
+        if accelerator.is_main_process:
+            where = f"checkpoint-{saved_step} is saved" if saved_step else "no step was done, nothing to save"
+            print(
+                f"{os.path.basename(__file__)}: SIGTERM: stopped after step {global_step}; {where}. Continue with "
+                f"--resume_from_checkpoint latest.",
+                file=sys.stderr,
+            )
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            run_lock.release()
+        return EXIT_TERMINATED
 
     accelerator.wait_for_everyone()
     if ema is not None:
@@ -710,8 +702,16 @@ def main(args: argparse.Namespace) -> int:
     generator = gather_unet(accelerator, networks, "generator")
     status = 0
     if accelerator.is_main_process:
-        status = export(args, networks, generator, family, vae)
+        try:
+            status = export(args, networks, generator, family, vae)
+        except (OSError, SafetensorError) as error:
+            if not is_disk_full(error):
+                raise
+            lost = "the final weights were not all written"
+            raise TrainingStopped(disk_full_message(args.output_dir, lost)) from None
     accelerator.end_training()
+    if accelerator.is_main_process:
+        run_lock.release()
     return status
 
 
@@ -754,8 +754,9 @@ def export(args, networks, generator_unet, family, vae) -> int:
 
 
 #: Errors the user causes and can fix: one line ``train_di_star_sdxl.py: error: …`` and exit 2 (as the `di-star`
-#: commands); ValueError is this codebase's bad-input error (check_args, DIStarConfig, load_prompts, the registry).
-USER_ERRORS = (ValueError, ModelLoadError, ImportError)
+#: commands): the package's DIStarError, and ValueError for bad input checked by libraries (argparse-free checks in
+#: DIStarConfig, load_prompts, the reward registry) and ImportError for a missing optional package.
+USER_ERRORS = (DIStarError, ValueError, ImportError)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -764,7 +765,7 @@ def cli(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("DI_STAR_DEBUG", "") not in ("", "0")
     try:
         return main(parse_args(argv))
-    except (*USER_ERRORS, TrainingStopped) as error:
+    except USER_ERRORS as error:
         if debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__

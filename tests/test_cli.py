@@ -36,15 +36,15 @@ def test_generate_offline_hub_id_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     # Exactly one line of ours (an optional package may print lines of its own; they are not counted).
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("di-star generate: error: ")]
-    assert line.startswith("di-star generate: error: could not load 'XDG-XHS/distar_long_1step'")
-    assert "huggingface-cli download XDG-XHS/distar_long_1step" in line and "--model /path" in line
+    assert line.startswith("di-star generate: error: --model 'XDG-XHS/distar_long_1step': not in the local Hugging")
+    assert "hf download XDG-XHS/distar_long_1step" in line and "an SDXL-layout folder" in line
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "./missing/folder"], "is neither a local folder nor a Hub id"),
+        (["--model", "./missing/folder"], "--model './missing/folder': no such file or folder"),
         (["--num-images", "0"], "--num-images must be >= 1"),
     ],
 )

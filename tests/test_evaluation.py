@@ -271,8 +271,9 @@ def test_offline_errors_are_one_line_saying_what_to_download(tmp_path, tiny_sdxl
     parti, coco, hpsv2, clip = lines
     assert "Hub dataset 'nateraw/parti-prompts'" in parti and "datasets.load_dataset('nateraw/parti-prompts'" in parti
     assert "Hub dataset 'phiyodr/coco2017'" in coco and "HF_HUB_OFFLINE" in coco
-    assert "huggingface-cli download zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json'" in hpsv2
-    assert "could not load the rewards clip" in clip and "--reward-option NAME.OPTION=PATH" in clip
+    assert "hf download zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json'" in hpsv2
+    assert "--reward 'clip': a checkpoint is not in the local Hugging Face cache" in clip
+    assert "`hf download openai/" in clip and "--reward-option clip.model=PATH" in clip
 
 
 def test_cli_end_to_end_on_the_hpsv2_layout(tiny_sdxl_dir, reward_options, tmp_path, capsys):

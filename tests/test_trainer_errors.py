@@ -133,11 +133,15 @@ def test_offline_reward_names_the_repo_and_the_local_option(script):
 def test_reward_option_is_parsed_as_eval_parses_it(script, tmp_path, prompts):
     args = script.parse_args(
         ["--pretrained_model_name_or_path", "x", "--train_data_file", prompts, "--output_dir", str(tmp_path),
-         "--report_to", "none", "--reward_option", "pickscore.model=/ckpt/ps"]
+         "--report_to", "none", "--reward_option", f"pickscore.model={tmp_path}"]
     )  # fmt: skip
-    assert args.reward_options == {"pickscore": {"model": "/ckpt/ps"}}
+    assert args.reward_options == {"pickscore": {"model": str(tmp_path)}}
     with pytest.raises(ValueError, match="--reward_option 'model' must look like NAME.OPTION=VALUE"):
         script.parse_reward_options(["model"])
+    # A local path that does not exist is named before anything loads (never given `hf download` advice).
+    with pytest.raises(ValueError, match="--reward_option pickscore.model=/ckpt/ps: no such file or folder"):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_file", prompts, "--output_dir",
+                           str(tmp_path), "--reward_option", "pickscore.model=/ckpt/ps"])  # fmt: skip
 
 
 def test_prompt_data_errors(tmp_path):
@@ -147,7 +151,7 @@ def test_prompt_data_errors(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match="is not UTF-8 text \\(a NUL byte at byte 0\\)"):
         load_prompts(train_data_file=binary)
-    with pytest.raises(ValueError, match="--dataset_name 'someone/prompts': not in the local datasets cache"):
+    with pytest.raises(ValueError, match="--dataset_name 'someone/prompts': not in the local Hugging Face cache"):
         load_prompts(dataset_name="someone/prompts")
     with pytest.raises(ValueError, match="no such folder \\(a local path, not a Hub id\\)"):
         load_prompts(dataset_name=str(tmp_path / "missing"))

@@ -29,13 +29,15 @@ SCRIPT = os.path.join(ROOT, "examples", "train_di_star_sdxl.py")
 FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.yaml")
 
 # Runs the example (stub reward) once per entry of the JSON list in DI_STAR_TEST_RUNS, in one process group:
-# {"name", "args", "refused"}. A run with "refused" must fail with a ValueError, whose message is recorded. For
+# {"name", "args", "refused", "status", "sigterm"}. A run with "refused" must fail with a ValueError, whose message is
+# recorded; the others must return "status" (default 0). "sigterm": [rank, n] sends SIGTERM to that rank at its n-th
+# generator-loss call. For
 # each other run every rank records, under <probe>/<name>/, its generator's initial trainable parameters, how its
 # prepared units' parameters are laid out (after `prepare` and at the end), its final generator parameters
 # (unsharded engines) and each export it made.
 LAUNCHER = textwrap.dedent(
     """
-    import importlib.util, json, os, sys
+    import importlib.util, json, os, signal, sys
     import torch
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -78,8 +80,17 @@ LAUNCHER = textwrap.dedent(
         open(os.path.join(captured["probe"], f"export-rank{{rank}}"), "w").close()
         return export(*args, **kwargs)
 
+    loss_calls = {{"n": 0}}
+
+    def signalling_generator_loss(*args, **kwargs):  # "sigterm": SIGTERM to this rank at that generator-loss call
+        loss_calls["n"] += 1
+        if run.get("sigterm") == [rank, loss_calls["n"]]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generator_loss(*args, **kwargs)
+
+    generator_loss = script.generator_loss
     script.setup_networks, script.prepare_networks = recording_setup, recording_prepare
-    script.export = recording_export
+    script.export, script.generator_loss = recording_export, signalling_generator_loss
     for run in json.loads(os.environ["DI_STAR_TEST_RUNS"]):
         AcceleratorState._reset_state(reset_partial_state=True)  # each run as a fresh launch
         probe = captured["probe"] = os.path.join({probe!r}, run["name"])
@@ -91,7 +102,10 @@ LAUNCHER = textwrap.dedent(
             except ValueError as error:
                 open(os.path.join(probe, f"refused-rank{{rank}}.txt"), "w").write(str(error))
             continue
-        if script.main(args) != 0:
+        loss_calls["n"] = 0
+        status = script.main(args)
+        open(os.path.join(probe, f"status-rank{{rank}}"), "w").write(str(status))
+        if status != run.get("status", 0):
             sys.exit(1)
         networks = captured["networks"]
         with open(os.path.join(probe, f"layout-rank{{rank}}.json"), "w") as f:
@@ -139,7 +153,8 @@ LORA = ["--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4"
 
 @pytest.fixture(scope="module")
 def runs(tiny_sdxl_dir, tmp_path_factory):
-    """Two launches: DDP (LoRA, full) and FSDP (full with validation, full resumed from checkpoint-1)."""
+    """Two launches: DDP (LoRA, full, full stopped by SIGTERM on rank 1 and resumed) and FSDP
+    (full with validation, full resumed from checkpoint-1)."""
     ddp, fsdp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("fsdp")
     ddp_probe = launch(
         ddp,
@@ -148,6 +163,10 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
             {"name": "lora", "args": [*LORA, "--max_train_steps", "2", "--checkpointing_steps", "1",
                                       "--output_dir", str(ddp / "lora")]},
             {"name": "full", "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "full")]},
+            {"name": "sigterm", "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "sigterm")],
+             "sigterm": [1, 1], "status": 143},
+            {"name": "after-sigterm", "args": [*FULL, "--output_dir", str(ddp / "after-sigterm"),
+                                               "--resume_from_checkpoint", str(ddp / "sigterm" / "checkpoint-1")]},
         ],
     )  # fmt: skip
     fsdp_probe = launch(
@@ -240,3 +259,15 @@ def test_docs_memory_table_is_the_computed_one():
     for gpus in (1, 2, 4, 8):
         row = " | ".join(f"{value:.1f}" for value in fsdp_full_finetuning_memory_gb(gpus, counts).values())
         assert f"| {gpus} | {row} |" in docs
+
+
+def test_sigterm_on_one_rank_saves_one_checkpoint_that_resumes_exactly(runs):
+    out, probe = runs["ddp"][0], runs["ddp"][1]
+    assert [(probe / "sigterm" / f"status-rank{r}").read_text() for r in (0, 1)] == ["143", "143"]
+    # Rank 1 got the signal during step 1: both ranks finished the step, saved checkpoint-1 together and stopped.
+    assert sorted(os.listdir(out / "sigterm")) == ["checkpoint-1"]
+    manifest = json.loads((out / "sigterm" / "checkpoint-1" / "di_star_checkpoint.json").read_text())
+    assert manifest["step"] == 1
+    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "after-sigterm" / "unet")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

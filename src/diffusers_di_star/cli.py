@@ -1,7 +1,8 @@
 """The ``di-star`` command line: ``di-star generate | demo | export | eval | bench``.
 
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
-Errors a user can fix (:class:`CLIError`, ``runtime.ModelLoadError``) are printed as one line, no traceback, exit 2.
+Errors a user can fix (:class:`~diffusers_di_star.errors.DIStarError`: :class:`CLIError`, ``ModelLoadError``,
+``ExportError``, ...) are printed as one line, no traceback, exit 2.
 Numbers and ``--out`` are checked (:func:`_check_args`) before any handler runs, hence before any model loads.
 """
 
@@ -13,12 +14,15 @@ import math
 import os
 import sys
 
-from .runtime import DTYPES, ModelLoadError, default_device, default_dtype, load_pipeline
+from .errors import DIStarError, first_line, is_disk_full
+from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
+from .runtime import DTYPES, default_device, default_dtype, load_pipeline
+from .sources import reward_option_problem
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
 
 
-class CLIError(Exception):
+class CLIError(DIStarError):
     """An error with a message that tells the user what to do; printed without a traceback."""
 
 
@@ -74,6 +78,13 @@ def _save_new_png(image, path: str) -> str:
             return candidate
         except FileExistsError:
             continue
+        except OSError as err:
+            if is_disk_full(err):
+                raise CLIError(
+                    f"disk full at {os.path.dirname(path) or '.'}: {candidate} was not written (the images listed "
+                    "before it are complete); free some space, or pass another --out."
+                ) from None
+            raise
 
 
 def _cmd_generate(args) -> None:
@@ -191,8 +202,8 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        help="parti | coco | hpsv2 | a .txt (one prompt a line) or .json file | a folder with the HPSv2 benchmark's "
-        "anime/concept-art/paintings/photo .json files",
+        help="parti | coco | hpsv2 | a .txt (one prompt a line), .csv (a prompt column) or .json file | a folder with "
+        "the HPSv2 benchmark's anime/concept-art/paintings/photo .json files",
     )
     p.add_argument(
         "--metrics",
@@ -241,7 +252,11 @@ def _cmd_eval(args) -> None:
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
     reward_options = _parse_reward_options(args.reward_option)
-    metrics = [name.strip() for name in args.metrics.split(",")] if args.metrics else None
+    if problem := reward_option_problem(reward_options, "--reward-option"):
+        raise CLIError(problem)
+    metrics = None if args.metrics is None else [name.strip() for name in args.metrics.split(",") if name.strip()]
+    if metrics == []:
+        raise CLIError("--metrics is empty: name at least one reward, e.g. --metrics pickscore (or drop the flag).")
     try:
         prompt_set = evaluation.load_prompt_set(args.prompts)
         sampling = {"steps": args.steps, "guidance_scale": args.guidance_scale, "variant": args.variant}
@@ -359,8 +374,8 @@ _NUMBER_RANGES = {
     "seed": (0, 2**32 - 1),
     "height": (1, None),
     "width": (1, None),
-    "num_images": (1, None),
-    "batch_size": (1, None),
+    "num_images": (1, MAX_BATCH_SIZE),
+    "batch_size": (1, MAX_BATCH_SIZE),
     "num_prompts": (1, None),
     "steps": (1, None),
     "guidance_scale": (0.0, None),
@@ -417,15 +432,39 @@ def _check_args(args) -> None:
             _check_number(dest, getattr(args, dest))
     height, width = getattr(args, "height", None), getattr(args, "width", None)
     if height is not None and width is not None:
-        from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
-
         if height * width > MAX_IMAGE_PIXELS:
             raise CLIError(
                 f"--height {height} --width {width} is {height * width:,} pixels, above the limit of "
                 f"{MAX_IMAGE_PIXELS:,} (4096×4096) per image; pass a smaller size (docs/pipeline.md)."
             )
+    if args.command == "generate" and args.num_images * min(args.batch_size, _prompt_count(args)) > MAX_BATCH_SIZE:
+        raise CLIError(
+            f"--num-images {args.num_images} × --batch-size {args.batch_size} is more than {MAX_BATCH_SIZE} images "
+            "in one pipeline call: lower --batch-size (the images are the same whatever the batch)."
+        )
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
     if getattr(args, "out", None) is not None:
         _check_out(args.out, is_folder=args.command != "export")
+
+
+def _prompt_count(args) -> int:
+    return len(args.prompt) + (1 if args.prompt_file else 0) or 1  # a prompt file counts as at least one
+
+
+def _check_device(device: str) -> None:
+    """``--device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {device!r} is not a device ({first_line(err)}); pass e.g. cpu or cuda.") from None
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise CLIError(f"--device {device!r}: no {parsed.type} device is available here; pass --device cpu.")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise CLIError(f"--device {device!r}: this machine has {backend.device_count()} {parsed.type} device(s).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -441,9 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         args.func(args)
-    except (CLIError, ModelLoadError) as err:
+    except DIStarError as err:  # every error a user can fix (CLIError, ModelLoadError, ExportError, ...)
         print(f"di-star {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = ": finished images are kept, rerun the same command to resume" if args.command == "eval" else ""
+        print(f"\ndi-star {args.command}: interrupted{resume}.", file=sys.stderr)
+        return 130
     return 0
 
 

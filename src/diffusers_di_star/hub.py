@@ -6,6 +6,8 @@ import logging
 import os
 import shlex
 
+from .errors import first_line
+
 __all__ = ["TAGS", "create_hub_repo", "push_folder", "write_model_card"]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ def create_hub_repo(repo_id: str, token: str | None = None) -> str:
     try:
         return create_repo(repo_id, token=token, exist_ok=True).repo_id
     except Exception as error:  # network, auth, name or server errors: all stop the run before it starts
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = first_line(error, limit=None)
         raise ValueError(
             f"--push_to_hub: cannot create or reach the Hub repo {repo_id!r} ({type(error).__name__}: {reason}). "
             "Check the network, `hf auth login` (or --hub_token) with write access and --hub_model_id; "
@@ -167,7 +169,7 @@ def push_folder(output_dir: str, repo_id: str, token: str | None = None, ignore_
         logger.error(
             "Upload to the Hub failed (%s: %s). Everything is kept in %s. Retry with:\n  hf upload %s %s . %s",
             type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
+            first_line(error, limit=None),
             output_dir,
             shlex.quote(repo_id),
             shlex.quote(output_dir),

@@ -44,6 +44,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: The largest image `__call__` makes unless `pipe.max_image_pixels` is raised (or set to None): 4096² = 16.8 MP, 16×
 #: SDXL's native 1024² area. Beyond it, a mistyped size would allocate tens of GiB before failing.
 MAX_IMAGE_PIXELS = 4096 * 4096
+#: The most images `__call__` makes at once unless `pipe.max_batch_size` is raised: a mistyped count (10**9) would
+#: otherwise allocate its noise before failing. 256 one-step 1024² SDXL images are ~1 GiB of latents in fp32.
+MAX_BATCH_SIZE = 256
 
 #: SDXL `__call__` arguments that a one-step generator has no use for, with the value that means "not used":
 #: accepted so SDXL code runs unchanged, each ignored with one warning when given another value.
@@ -175,6 +178,8 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
 
     #: Largest height × width accepted by `__call__`; set to None to lift the limit. See `MAX_IMAGE_PIXELS`.
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    #: Most images one `__call__` makes (prompts × num_images_per_prompt); None lifts the limit. See `MAX_BATCH_SIZE`.
+    max_batch_size: int | None = MAX_BATCH_SIZE
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -236,6 +241,8 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         """Validate every argument of `__call__`; each error names the value and the fix."""
         factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
+            if isinstance(value, float | np.floating):
+                raise ValueError(f"`{name}` must be an integer number of pixels, got the float {value!r}.")
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < factor:
                 raise ValueError(
                     f"`{name}` must be a positive multiple of the VAE factor {factor}, got {value!r}. Pass e.g. "
@@ -292,6 +299,12 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         batch_size = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        if self.max_batch_size is not None and batch_size > self.max_batch_size:
+            raise ValueError(
+                f"{batch_size:,} images in one call (prompts × num_images_per_prompt) is above the limit of "
+                f"{self.max_batch_size} (`pipe.max_batch_size`): call the pipeline several times, or raise "
+                "`pipe.max_batch_size` (None lifts the limit)."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"Got {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt): pass "
@@ -304,6 +317,8 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
                     f"`latents` must have shape {expected} (images, channels, height/{factor}, width/{factor}), "
                     f"got {tuple(latents.shape)}."
                 )
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` hold NaN or infinite values: pass finite noise (or None to draw it).")
         if conditioning_timestep is not None:
             self._check_conditioning_timestep(conditioning_timestep)
         if output_type not in OUTPUT_TYPES:
@@ -470,6 +485,12 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         self._interrupt = False
         self._num_timesteps = 1
         batch_size = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        if self.max_batch_size is not None and batch_size > self.max_batch_size:
+            raise ValueError(
+                f"{batch_size:,} images in one call (prompts × num_images_per_prompt) is above the limit of "
+                f"{self.max_batch_size} (`pipe.max_batch_size`): call the pipeline several times, or raise "
+                "`pipe.max_batch_size` (None lifts the limit)."
+            )
         device = self._execution_device
 
         # 2. Encode the prompt (no unconditional branch)

@@ -5,9 +5,10 @@ Shared by the ``di-star`` commands, evaluation and the benchmarks.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .errors import DIStarError
+from .sources import load_failure, local_path_problem
 
 __all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
 
@@ -15,7 +16,7 @@ __all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(DIStarError):
     """A model that cannot be found or read; the message says what to download or which path to pass."""
 
 
@@ -33,21 +34,14 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
     ``model_index.json``) on ``device``; a missing model or an unknown layout raises :class:`ModelLoadError`."""
     from .families import detect_family
 
-    is_local = os.path.isdir(model)
-    if not is_local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
-        raise ModelLoadError(f"--model {model!r} is neither a local folder nor a Hub id ('owner/name' or a path).")
+    what = "a Diffusers pipeline folder (with model_index.json)"
+    if problem := local_path_problem("--model", model, what):
+        raise ModelLoadError(problem)
     try:
         pipeline_class = detect_family(model).pipeline_class()
         pipe = pipeline_class.from_pretrained(model, dtype=DTYPES[dtype], variant=variant)
     except (OSError, ValueError) as err:
-        if is_local:
-            raise ModelLoadError(f"could not load the pipeline folder {model!r}: {err}") from err
-        raise ModelLoadError(
-            f"could not load {model!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
-            f"(or HF_HUB_OFFLINE is set). Download it on a connected machine with "
-            f"`huggingface-cli download {model}` (then copy the cache or the folder here), "
-            f"or pass --model /path/to/a/diffusers/pipeline/folder."
-        ) from err
+        raise ModelLoadError(load_failure("--model", model, err, what)) from err
     # diffusers warns once per module that fp16 "cannot run" on a CPU and "will fail"; with torch 2.13 it runs (tested
     # by test_cli: generate --dtype fp16 --device cpu), so the four identical lines would only mislead.
     return pipe.to(device or default_device(), silence_dtype_warnings=True)

@@ -11,15 +11,25 @@ import pickle
 import zipfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "load_state_dict_file"]
+from .errors import DIStarError, first_line
+
+__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "damaged_safetensors", "load_state_dict_file"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DIStarError, ValueError):
     """A weights file that cannot or must not be loaded; the message names the file and says what to do."""
+
+
+def damaged_safetensors(path: str, error: BaseException) -> CheckpointError:
+    """The one line for a ``.safetensors`` file that cannot be read (truncated, damaged, or another format)."""
+    return CheckpointError(
+        f"{path!r} is damaged or not a safetensors file ({first_line(error)}); download or export it again."
+    )
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -33,7 +43,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"no such weights file: {path!r}.")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, damaged, or not safetensors at all
+            raise damaged_safetensors(path, err) from None
     if not path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path!r}: unknown weights format; expected .safetensors or one of {PICKLE_SUFFIXES}.")
     try:
@@ -43,7 +56,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"refusing to load {path!r}: it is not a plain state dict but a pickle of Python objects, and "
             f"unpickling them could run arbitrary code (torch.load(weights_only=True) said: "
-            f"{str(err).splitlines()[0]}). Convert it to .safetensors in an environment you trust, or ask its "
+            f"{first_line(err, limit=None)}). Convert it to .safetensors in an environment you trust, or ask its "
             f"author for a safetensors file."
         ) from err
     while isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):

@@ -6,27 +6,34 @@
 * ``hpsv2``: the HPSv2 benchmark (Table 3), 800 prompts in each of its styles ``anime``, ``concept-art``,
   ``paintings``, ``photo``: ``<style>.json`` from an installed ``hpsv2`` package, hpsv2's cache, or the Hub dataset
   ``zhwang/HPDv2`` (``benchmark/``).
-* a local file: ``.txt`` (one prompt a line) or ``.json`` (a list of prompts, or ``{style: [prompts]}``); a local
+* a local file: ``.txt`` (one prompt a line), ``.csv`` (a header row and a ``prompt`` column, the trainer's layout)
+  or ``.json`` (a list of prompts, or ``{style: [prompts]}``); a local
   folder holding the four HPSv2 ``<style>.json`` files is read as the HPSv2 benchmark.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from ..errors import DIStarError
 
 __all__ = ["HPS_STYLES", "PROMPT_SETS", "Prompt", "PromptSet", "PromptSetError", "load_prompt_set"]
 
 #: The HPSv2 benchmark's styles, in the order of its tables.
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 _HPD_REPO = "zhwang/HPDv2"
+#: The column a ``.csv`` prompt file is read from: the trainer's default ``--prompt_column`` for non-text files.
+CSV_PROMPT_COLUMN = "prompt"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(DIStarError, ValueError):
     """A prompt set that cannot be read; the message says what to download or pass instead."""
 
 
@@ -98,18 +105,40 @@ def _make_set(name: str, texts_by_style: dict[str | None, Sequence[str]]) -> Pro
 
 
 def _read_prompt_file(path: str) -> PromptSet:
-    with open(path, encoding="utf-8") as file:
-        if not path.endswith(".json"):
-            return _make_set(path, {None: [line for line in file.read().splitlines() if line.strip()]})
-        try:
-            content = json.load(file)
-        except json.JSONDecodeError as err:
-            raise PromptSetError(f"{path} is not valid JSON ({err}).") from err
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as err:
+        raise PromptSetError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 (one prompt a line)."
+        ) from None
+    if path.lower().endswith(".csv"):
+        return _make_set(path, {None: _csv_column(path, text)})
+    if not path.lower().endswith(".json"):
+        return _make_set(path, {None: [line for line in text.splitlines() if line.strip()]})
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PromptSetError(f"{path} is not valid JSON ({err}).") from err
     if isinstance(content, list):
         return _make_set(path, {None: content})
     if isinstance(content, dict) and all(isinstance(texts, list) for texts in content.values()):
         return _make_set(path, content)
     raise PromptSetError(f"{path} must hold a JSON list of prompts or an object {{style: [prompts]}}.")
+
+
+def _csv_column(path: str, text: str, column: str = CSV_PROMPT_COLUMN) -> list[str]:
+    """The ``column`` of a CSV file with a header row (the trainer's ``--train_data_file`` layout)."""
+    rows = csv.DictReader(io.StringIO(text))
+    if column not in (rows.fieldnames or ()):
+        raise PromptSetError(
+            f"{path}: a .csv prompt file needs a header row with a {column!r} column (as the trainer reads it); "
+            f"its header is {rows.fieldnames or 'empty'}."
+        )
+    prompts = [row[column] for row in rows if (row[column] or "").strip()]
+    if not prompts:
+        raise PromptSetError(f"{path} has a header but no prompts in its {column!r} column.")
+    return prompts
 
 
 def _read_style_files(name: str, files: dict[str, str]) -> PromptSet:
@@ -181,7 +210,7 @@ def _load_hpsv2() -> PromptSet:
         raise PromptSetError(
             f"could not find the HPSv2 benchmark prompts: not in an installed hpsv2 package or hpsv2's cache "
             f"({_hps_local_folders()[-1]}), and the Hub dataset {_HPD_REPO!r} is unreachable (or HF_HUB_OFFLINE is "
-            f"set). On a connected machine run `huggingface-cli download {_HPD_REPO} --repo-type dataset --include "
+            f"set). On a connected machine run `hf download {_HPD_REPO} --repo-type dataset --include "
             f"'benchmark/*.json' --local-dir HPDv2` and pass the folder HPDv2/benchmark instead of hpsv2."
         ) from err
     return _read_style_files("hpsv2", files)

@@ -32,9 +32,11 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import DIStarError
 from ..families import FAMILIES
 from ..rewards import WeightedSumReward, load_reward
 from ..runtime import DTYPES, default_device, load_pipeline
+from ..sources import reward_load_failure
 from .prompts import Prompt, PromptSet
 from .report import TABLE_1_METRICS, TABLE_3_METRICS, format_table, get_metric, summarize, write_grid, write_scores
 
@@ -54,7 +56,7 @@ DEFAULT_GUIDANCE_SCALE = 5.0
 _SEED_STRIDE = 1_000_000  # image i of seed s uses s * _SEED_STRIDE + i: readable, and unique while i < 10^6
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DIStarError, ValueError):
     """An evaluation that cannot run as asked; the message says what to change."""
 
 
@@ -283,13 +285,8 @@ def _pending(out_dir: str, spec: ModelSpec, prompts: Sequence[Prompt]) -> list[P
 def _load_rewards(metrics: Sequence[str], device: str, options: Mapping) -> WeightedSumReward:
     try:
         return load_reward(",".join(metrics), device=device, **options)
-    except OSError as err:  # a checkpoint that is neither local nor reachable
-        reason = str(err).strip().splitlines()[0]
-        raise EvaluationError(
-            f"could not load the rewards {', '.join(metrics)}: {reason} Download their checkpoints on a connected "
-            f"machine (docs/rewards.md lists them) or pass local copies as reward options "
-            f"(--reward-option NAME.OPTION=PATH)."
-        ) from err
+    except OSError as err:  # a checkpoint that is neither local nor reachable, or a local copy that is unreadable
+        raise EvaluationError(reward_load_failure(",".join(metrics), dict(options), err, "--reward-option")) from err
 
 
 def _generate_and_score(pipe, spec, prompts, reward, metrics, out_dir, batch_size, sampling) -> None:

@@ -13,11 +13,12 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import DIStarError, is_disk_full
 from ..runtime import DTYPES
-from ..weights import load_state_dict_file
+from ..weights import damaged_safetensors, load_state_dict_file
 
 __all__ = [
     "ExportError",
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class ExportError(Exception):
+class ExportError(DIStarError):
     """A problem with the user's input or output that they can fix; the message says how."""
 
 
@@ -78,11 +79,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     try:
         write(tmp)
         _move_into_place(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         _remove(tmp)
-        raise ExportError(
-            f"writing {path!r} failed: {err}. Nothing was written; free some disk space or choose another --out."
-        ) from err
+        kept = "is unchanged" if os.path.lexists(path) else "was not created"
+        if is_disk_full(err):
+            raise ExportError(
+                f"disk full at {parent}: nothing was written ({path!r} {kept}); free space or pass another --out."
+            ) from None
+        raise ExportError(f"writing {path!r} failed: {err}. Nothing was written; choose another --out.") from err
     except BaseException:
         _remove(tmp)
         raise
@@ -138,13 +142,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (empty for other formats)."""
     if not os.fspath(path).endswith(".safetensors"):
         return {}
-    with safe_open(os.fspath(path), framework="pt") as f:
+    with _open_safetensors(path) as f:
         return f.metadata() or {}
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str | os.PathLike):
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise damaged_safetensors(os.fspath(path), err) from None
 
 
 def read_keys(path: str | os.PathLike) -> list[str]:
     """The tensor names of a weights file; cheap for safetensors (only the header is read)."""
     if os.fspath(path).endswith(".safetensors"):
-        with safe_open(os.fspath(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
             return list(f.keys())
     return list(load_state_dict_file(path))

@@ -19,6 +19,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..configs import load_sdxl_config
+from ..sources import load_failure, local_path_problem
 from .files import ExportError, cast_floating, load_state_dict_file
 from .sdxl_keys import UNET_PREFIX, V_PRED_KEY, check_sdxl_unet_config, unet_from_original
 
@@ -57,20 +58,16 @@ _VARIANT_WEIGHTS = re.compile(
 )
 
 
-def _is_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".")
+_WHAT = "a local file or folder, or a Hub id ('owner/name')"
 
 
 def _check_local_or_hub_id(name: str) -> None:
-    if not os.path.exists(name) and not _is_hub_id(name):
-        raise ExportError(f"{name!r} is neither an existing local file or folder nor a Hub id ('owner/name').")
+    if problem := local_path_problem(None, name, _WHAT):
+        raise ExportError(problem)
 
 
 def _hub_hint(name: str, err: Exception) -> ExportError:
-    return ExportError(
-        f"could not get {name!r} from the Hugging Face Hub or its local cache ({type(err).__name__}: {err}). "
-        f"On a machine without internet, download it first (`hf download {name}`) or pass a local path."
-    )
+    return ExportError(load_failure(None, name, err, "a Diffusers folder (with model_index.json or config.json)"))
 
 
 def resolve_file(path_or_id: str, filename: str, subfolder: str | None = None) -> str:
@@ -80,6 +77,11 @@ def resolve_file(path_or_id: str, filename: str, subfolder: str | None = None) -
         if not os.path.isfile(path):
             raise ExportError(f"no file {filename!r} in {os.path.dirname(path)!r}.")
         return path
+    if os.path.isfile(path_or_id):
+        raise ExportError(
+            f"{path_or_id!r} is a single file; this needs a Diffusers folder holding {filename} (or a Hub id): "
+            "convert the file first with `di-star export --format diffusers`."
+        )
     _check_local_or_hub_id(path_or_id)
     try:
         return hf_hub_download(path_or_id, filename, subfolder=subfolder)

@@ -4,12 +4,14 @@
   filesystem): a ``checkpoint-<step>`` folder is always complete. Older checkpoints beyond the total limit are removed
   only after the rename, so a save killed at any point leaves the previous checkpoint intact. A ``.tmp`` folder left
   by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped.
-* Each checkpoint holds :data:`MANIFEST_NAME`: its step, the settings a resume must match (a mismatch is one
-  :class:`CheckpointError` naming the flag, the saved and the given value) and every file with its size.
+* Each checkpoint holds :data:`MANIFEST_NAME`: its step, the trainer's settings (what a resume may change is decided
+  by :data:`~.resume.RESUME_POLICY`: a refusal is one line naming the flag, the saved and the given value), every file
+  with its size and the tensor shapes of its safetensors files (a hand-edited manifest is refused).
 * Resuming never unpickles code: the generator EMA is stored as safetensors (:data:`EMA_NAME`, its scalars as JSON
   metadata), accelerate reads its own files (optimizer, scheduler, RNG states) with ``torch.load(weights_only=True)``
   (accelerate >= 1.0 ``utils.other.load``), and a file the manifest does not list (e.g. accelerate's
-  ``custom_checkpoint_0.pkl``, which it would load with ``weights_only=False``) makes the checkpoint refused.
+  ``custom_checkpoint_0.pkl``, which it would load with ``weights_only=False``) makes the checkpoint refused. An RNG
+  state file that would run code is refused by name before accelerate, which would skip it silently, reads it.
 
 What goes into a checkpoint is the caller's: :func:`save_checkpoint` takes a ``write_state(folder)`` callable (e.g.
 ``accelerator.save_state``) and :func:`load_checkpoint` a ``load_state(folder)`` one. Decisions that touch the folder
@@ -18,13 +20,18 @@ are taken by the main process and broadcast (:func:`on_main_process`), so all ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
+
+from ..errors import DIStarError, first_line
+from .resume import check_manifest_contents, compare_settings, tensor_shapes
 
 __all__ = [
     "EMA_NAME",
@@ -36,7 +43,6 @@ __all__ = [
     "incomplete_dirs",
     "load_checkpoint",
     "on_main_process",
-    "remove_checkpoints",
     "resolve_resume",
     "save_checkpoint",
 ]
@@ -52,7 +58,7 @@ _COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 _INCOMPLETE = re.compile(r"^checkpoint-(\d+)\.tmp$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DIStarError, ValueError):
     """A checkpoint or run folder that cannot be used as asked; the message names it and the fix."""
 
 
@@ -91,7 +97,10 @@ def on_main_process(accelerator, fn: Callable, *args, **kwargs):
 
 
 def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse an ``output_dir`` that is a file, unwritable, or holds another run, unless resuming or overwriting."""
+    """Refuse an ``output_dir`` that is empty, a file, unwritable, or holds another run (unless resuming or
+    overwriting it)."""
+    if not output_dir.strip():
+        raise CheckpointError("--output_dir is empty: pass a folder (it is created if missing).")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output_dir {output_dir!r} is a file: pass a folder (it is created if missing).")
     existing = os.path.abspath(output_dir)
@@ -109,13 +118,6 @@ def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
             f"--output_dir {output_dir!r} already holds a run ({shown}): pass --resume_from_checkpoint latest to "
             "continue it, --overwrite_output_dir to replace it, or another --output_dir."
         )
-
-
-def remove_checkpoints(output_dir: str) -> None:
-    """Delete every checkpoint folder, complete or not, of a previous run (``--overwrite_output_dir``)."""
-    for name in (*checkpoint_dirs(output_dir), *incomplete_dirs(output_dir)):
-        logger.info(f"removing {name} of the previous run in {output_dir} (--overwrite_output_dir)")
-        shutil.rmtree(os.path.join(output_dir, name))
 
 
 def _json_value(value):
@@ -184,6 +186,7 @@ def save_checkpoint(
         if ema_state is not None:
             save_ema(ema_state, tmp)
         manifest = {"step": step, "settings": _json_value(dict(settings)), "files": _file_sizes(tmp)}
+        manifest["shapes"] = tensor_shapes(tmp)
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
@@ -244,6 +247,7 @@ def _intact_manifest(checkpoint: str) -> dict:
     try:
         manifest = _read_manifest(checkpoint)
         _verify_files(checkpoint, manifest)
+        check_manifest_contents(checkpoint, manifest)
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {_previous_hint(checkpoint)}") from None
     return manifest
@@ -265,20 +269,20 @@ def _previous_hint(checkpoint: str) -> str:
     return "there is no earlier intact checkpoint: start a new run"
 
 
-def check_settings(checkpoint: str, settings: Mapping[str, object]) -> dict:
-    """The checkpoint's manifest, after checking ``settings`` (flag name -> value) against the saved ones."""
+def check_settings(checkpoint: str, settings: Mapping[str, object], allow_model_change: bool = False) -> dict:
+    """The checkpoint's manifest, after checking ``settings`` against the saved ones (:mod:`.resume`'s table)."""
     manifest = _intact_manifest(checkpoint)
-    saved = manifest["settings"]
-    for flag, value in _json_value(dict(settings)).items():
-        if flag in saved and saved[flag] != value:
-            raise CheckpointError(
-                f"--{flag}: {os.path.basename(os.path.normpath(checkpoint))} was trained with {saved[flag]!r}, "
-                f"this run gives {value!r}; resume with the same value (or start a new run in another --output_dir)."
-            )
+    notes = compare_settings(
+        manifest["settings"], _json_value(dict(settings)), checkpoint, manifest["step"], allow_model_change
+    )
+    for note in notes:
+        logger.warning(f"resuming {checkpoint}: {note}")
     return manifest
 
 
-def resolve_resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, settings) -> str | None:
+def resolve_resume(
+    accelerator, output_dir: str, resume_from_checkpoint: str | None, settings, allow_model_change: bool = False
+) -> str | None:
     """The checkpoint to resume from (``"latest"``: the newest complete one), its settings checked; all ranks agree.
 
     Half-written ``.tmp`` folders are named in a warning. ``latest`` with no checkpoint at all starts a new run;
@@ -286,10 +290,12 @@ def resolve_resume(accelerator, output_dir: str, resume_from_checkpoint: str | N
     """
     if resume_from_checkpoint is None:
         return None
-    return on_main_process(accelerator, _resolve, output_dir, resume_from_checkpoint, settings)
+    return on_main_process(
+        accelerator, _resolve, output_dir, resume_from_checkpoint, settings, allow_model_change
+    )
 
 
-def _resolve(output_dir: str, resume_from_checkpoint: str, settings) -> str | None:
+def _resolve(output_dir: str, resume_from_checkpoint: str, settings, allow_model_change: bool) -> str | None:
     if resume_from_checkpoint == "latest":
         complete, incomplete = checkpoint_dirs(output_dir), incomplete_dirs(output_dir)
         if not complete and incomplete:
@@ -315,16 +321,17 @@ def _resolve(output_dir: str, resume_from_checkpoint: str, settings) -> str | No
             )
         if not os.path.isdir(checkpoint):
             raise CheckpointError(f"--resume_from_checkpoint {checkpoint!r} is not a folder (or pass 'latest').")
-    check_settings(checkpoint, settings)
+    check_settings(checkpoint, settings, allow_model_change)
     return checkpoint
 
 
-def _probe(checkpoint: str) -> str | None:
-    """The first file of ``checkpoint`` that safetensors or accelerate's weights-only ``load`` cannot read, and why."""
+def _probe(checkpoint: str, names=None) -> str | None:
+    """The first file of ``checkpoint`` (of ``names``) that safetensors or accelerate's weights-only ``load`` cannot
+    read, and why."""
     from accelerate.utils import load
     from safetensors import safe_open
 
-    for name in _file_sizes(checkpoint):
+    for name in _file_sizes(checkpoint) if names is None else names:
         path = os.path.join(checkpoint, name)
         try:
             if name.endswith(".safetensors"):
@@ -340,13 +347,8 @@ def _probe(checkpoint: str) -> str | None:
             detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
             return f"{path} holds Python objects, not just weights ({detail or 'refused'}): it could run code"
         except Exception as error:  # what a reader raises for a damaged file varies
-            return f"{path} cannot be read ({type(error).__name__}: {_first_line(error)})"
+            return f"{path} cannot be read ({type(error).__name__}: {first_line(error)})"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
@@ -355,14 +357,35 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
     A missing, truncated, unlisted or unreadable (e.g. code-carrying pickle) file raises :class:`CheckpointError`
     naming the file and the previous intact checkpoint.
     """
-    manifest = on_main_process(accelerator, _intact_manifest, checkpoint)
-    try:
-        load_state(checkpoint)
-        if ema is not None:
-            load_ema(ema, checkpoint)
-    except CheckpointError:
-        raise
-    except Exception as error:
-        reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({type(error).__name__}: {_first_line(error)})"
-        raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
+    manifest = on_main_process(accelerator, _loadable_manifest, checkpoint)
+    with _quiet_refusals():
+        try:
+            load_state(checkpoint)
+            if ema is not None:
+                load_ema(ema, checkpoint)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            reason = f"{checkpoint} cannot be loaded ({type(error).__name__}: {first_line(error)})"
+            reason = _probe(checkpoint) or reason
+            raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
     return int(manifest["step"])
+
+
+@contextlib.contextmanager
+def _quiet_refusals():
+    """Without torch's "Detected pickle protocol 4" warning, printed before a weights-only load refuses a pickle."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
+
+
+def _loadable_manifest(checkpoint: str) -> dict:
+    """:func:`_intact_manifest`, and the RNG state files readable without code: accelerate would skip an unreadable
+    one with an INFO line ("Could not load random states") and resume with fresh random states."""
+    manifest = _intact_manifest(checkpoint)
+    rng_files = [name for name in manifest["files"] if re.fullmatch(r"random_states_\d+\.pkl", name)]
+    with _quiet_refusals():
+        if reason := _probe(checkpoint, rng_files):
+            raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}")
+    return manifest

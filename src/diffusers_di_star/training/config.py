@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 
 from ..families.base import DEFAULT_LORA_TARGET_MODULES
 from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
+from ..pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
 
-__all__ = ["DIVERGENCES", "CFG_MODES", "DEFAULT_LORA_TARGET_MODULES", "DIStarConfig"]
+__all__ = [
+    "CHOICES",
+    "CFG_MODES",
+    "DEFAULT_LORA_TARGET_MODULES",
+    "DIVERGENCES",
+    "DIStarConfig",
+    "add_config_arguments",
+]
 
 #: The regularisers: the score divergence with pseudo-Huber or L2 distance (DI*, eq. 3.2), or the integral KL (DI++).
 DIVERGENCES = (*DISTANCES, "kl")
@@ -35,7 +44,8 @@ class DIStarConfig:
         assistant_updates_per_step: K_TA, assistant updates before each generator update (DMD2: 5).
         resolution: training image size in pixels (a multiple of 8).
         use_lora: generator and assistant as LoRA adapters (one shared UNet) instead of full copies.
-        generator_lora_rank, generator_lora_alpha, assistant_lora_rank, assistant_lora_alpha: LoRA sizes.
+        generator_lora_rank, assistant_lora_rank: LoRA ranks r.
+        generator_lora_alpha, assistant_lora_alpha: LoRA alphas (scale alpha / r); None: the rank (scale 1).
         generator_lora_target_modules, assistant_lora_target_modules: module names the adapters wrap.
     """
 
@@ -53,9 +63,9 @@ class DIStarConfig:
     resolution: int = 1024
     use_lora: bool = True
     generator_lora_rank: int = 64
-    generator_lora_alpha: float = 64.0
+    generator_lora_alpha: float | None = None
     assistant_lora_rank: int = 64
-    assistant_lora_alpha: float = 64.0
+    assistant_lora_alpha: float | None = None
     generator_lora_target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGET_MODULES)
     assistant_lora_target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGET_MODULES)
 
@@ -63,11 +73,13 @@ class DIStarConfig:
         for name, value in vars(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value}.")
+        for role in ("generator", "assistant"):  # the trainer's rule too: alpha = rank unless given
+            if getattr(self, f"{role}_lora_alpha") is None:
+                setattr(self, f"{role}_lora_alpha", float(getattr(self, f"{role}_lora_rank")))
         self.generator_lora_target_modules = tuple(self.generator_lora_target_modules)
         self.assistant_lora_target_modules = tuple(self.assistant_lora_target_modules)
-        _choice("divergence", self.divergence, DIVERGENCES)
-        _choice("cfg_mode", self.cfg_mode, CFG_MODES)
-        _choice("weighting", self.weighting, tuple(TIME_WEIGHTINGS))
+        for name, choices in CHOICES.items():
+            _choice(name, getattr(self, name), choices)
         for name in ("reward_scale", "cfg_reward_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
@@ -85,12 +97,48 @@ class DIStarConfig:
             raise ValueError(f"`assistant_updates_per_step` must be >= 1, got {self.assistant_updates_per_step}.")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"`resolution` must be a positive multiple of 8 (the VAE factor), got {self.resolution}.")
+        if self.resolution**2 > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"`resolution` {self.resolution} is {self.resolution**2:,} pixels, above the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (4096×4096) that `di-star generate` also applies; pass a smaller resolution."
+            )
         for role in ("generator", "assistant"):
             rank, alpha = getattr(self, f"{role}_lora_rank"), getattr(self, f"{role}_lora_alpha")
             if rank < 1 or alpha <= 0:
                 raise ValueError(f"`{role}_lora_rank` must be >= 1 and `{role}_lora_alpha` > 0, got {rank}, {alpha}.")
             if not getattr(self, f"{role}_lora_target_modules"):
                 raise ValueError(f"`{role}_lora_target_modules` is empty: name at least one module, e.g. to_q.")
+
+
+#: The fields that take one of a few names.
+CHOICES = {"cfg_mode": CFG_MODES, "divergence": DIVERGENCES, "weighting": tuple(TIME_WEIGHTINGS)}
+
+
+def field_help() -> dict[str, str]:
+    """Each field's description, read from the Args section of :class:`DIStarConfig`'s docstring."""
+    helps, name = {}, None
+    for line in DIStarConfig.__doc__.split("Args:")[1].splitlines():
+        head, colon, text = line.strip().partition(": ")
+        if colon and line.startswith(" " * 8) and not line.startswith(" " * 9):
+            names = [n.strip() for n in head.split(",")]
+            for name in names:
+                helps[name] = text.strip()
+        elif name and line.strip():
+            for other in names:
+                helps[other] += " " + line.strip()
+    return helps
+
+
+def add_config_arguments(group, names) -> None:
+    """``--<field>`` for each named :class:`DIStarConfig` field, with its default, type, choices and docstring help:
+    the command line and the library share one set of defaults."""
+    helps = field_help()
+    for f in fields(DIStarConfig):
+        if f.name in names:
+            kind = {"float": float, "int": int, "str": str}[f.type.split(" ")[0]]
+            text = re.sub(r":\w+:`~?[\w.]*?(\w+)`", r"\1", helps[f.name]).replace("``", "")
+            help = text.replace("%", "%%") + " (default: %(default)s)"
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, choices=CHOICES.get(f.name), help=help)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

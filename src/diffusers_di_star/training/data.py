@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ..errors import first_line
+
 __all__ = ["DATA_FILE_BUILDERS", "load_prompts", "prompt_batch"]
 
 #: File suffix -> ``datasets`` builder. A ``.txt`` file holds one prompt per line (column ``text``).
@@ -44,7 +46,7 @@ def load_prompts(
     elif train_data_file is not None:
         dataset, prompt_column = _load_file(location, prompt_column, split, cache_dir)
     else:
-        from ..training.preflight import is_hub_id
+        from ..sources import is_hub_id, not_cached
 
         if not is_hub_id(location):
             raise ValueError(
@@ -55,10 +57,9 @@ def load_prompts(
         try:
             dataset = datasets.load_dataset(location, dataset_config_name, split=split, cache_dir=cache_dir)
         except (ConnectionError, FileNotFoundError) as error:  # offline, or no such Hub dataset
+            what = "a `save_to_disk` folder or a prompt file with --train_data_file"
             raise ValueError(
-                f"--dataset_name {location!r}: not in the local datasets cache and the Hub is unreachable (or "
-                f"HF_HUB_OFFLINE is set), or no such Hub dataset. Download it on a connected machine with "
-                f"`hf download {location} --repo-type dataset`, or pass a local file with --train_data_file."
+                not_cached("--dataset_name", location, what, repo_type="dataset") + " (Or no such Hub dataset.)"
             ) from error
     source = location
     if prompt_column not in dataset.column_names:
@@ -121,9 +122,11 @@ def _load_file(path: str, prompt_column: str | None, split: str, cache_dir: str 
             )
     try:
         dataset = datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
+    except ValueError as error:  # e.g. a CSV holding only its header: 'Instruction "train" corresponds to no data!'
+        raise ValueError(f"--train_data_file {path!r} holds no prompts ({first_line(error)}).") from error
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        reason = first_line(cause, limit=None)
         raise ValueError(f"--train_data_file {path!r} cannot be read as {suffix}: {reason}") from error
     return dataset, prompt_column or ("text" if builder == "text" else "prompt")
 

@@ -120,7 +120,7 @@ class DIStarNetworks:
         return [p for name, p in unet.named_parameters() if f".{adapter}." in name]
 
     def lora_state_dict(
-        self, role: str, unet: UNet2DConditionModel | None = None
+        self, role: str, unet: torch.nn.Module | None = None
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """The role's LoRA in diffusers' ``save_lora_weights`` key format, and its peft config as metadata.
 

@@ -6,47 +6,17 @@ name was taken as a local path or a Hub id, and the fix; a local path is never c
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..runtime import ModelLoadError
+from ..sources import is_hub_id, load_failure
 
 __all__ = ["check_lora_targets", "detect_model_family", "is_hub_id", "load_network_config", "model_error"]
 
 
-def is_hub_id(name: str) -> bool:
-    """``owner/name`` or ``name``, not an existing path and not shaped like one (``./x``, ``/x``, ``a/b/c``)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or "\\" in name:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def model_error(flag: str, name: str, error: BaseException, what: str = "an SDXL-layout folder") -> ModelLoadError:
-    """The one-line error for ``flag name`` that ``from_pretrained`` could not load."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    if not is_hub_id(name):
-        if not os.path.exists(name):
-            return ModelLoadError(f"{flag} {name!r}: no such file or folder; pass {what}.")
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return ModelLoadError(f"{flag} {name!r} is not {what} ({reason}).")
-    if isinstance(error, RevisionNotFoundError):
-        return ModelLoadError(f"{flag} {name!r}: the Hub repo has no such --revision.")
-    if isinstance(error, RepositoryNotFoundError):
-        return ModelLoadError(
-            f"{flag} {name!r}: no such Hub repo (or it is private or gated: log in with `hf auth login`)."
-        )
-    return ModelLoadError(
-        f"{flag} {name!r}: not in the local Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set). "
-        f"Download it on a connected machine with `hf download {name}`, or pass {what} (a local path)."
-    )
+    """The one-line error for ``flag name`` that ``from_pretrained`` could not load (``sources.load_failure``)."""
+    return ModelLoadError(load_failure(flag, name, error, what))
 
 
 def detect_model_family(name: str, flag: str = "--pretrained_model_name_or_path", revision: str | None = None):

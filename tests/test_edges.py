@@ -1,0 +1,190 @@
+"""The roots of the edge cases (one error base, one source resolver, one set of DI* defaults) and the edges."""
+
+import errno
+import os
+
+import pytest
+from test_training_script import load_script
+
+from diffusers_di_star.cli import main
+from diffusers_di_star.errors import DIStarError, first_line
+from diffusers_di_star.sources import is_hub_id, load_failure, reward_load_failure
+from diffusers_di_star.training import DIStarConfig
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+def test_one_set_of_defaults(script, tmp_path):
+    args = script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o")])
+    config = DIStarConfig()
+    for name in script.CONFIG_FLAGS:
+        assert getattr(args, name) == getattr(config, name), name
+    # LoRA alpha: the rank unless given, in the library as in the trainer.
+    assert DIStarConfig(generator_lora_rank=8).generator_lora_alpha == 8.0
+    args = script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                              "--use_lora", "--rank", "8"])  # fmt: skip
+    assert script.make_config(args).generator_lora_alpha == 8.0 == script.make_config(args).assistant_lora_alpha
+
+
+def test_first_line_and_the_base_class():
+    assert first_line(ValueError("\n  first\nsecond")) == "first" and first_line(KeyError()) == "KeyError"
+    from diffusers_di_star.export import ExportError
+    from diffusers_di_star.runtime import ModelLoadError
+    from diffusers_di_star.training.checkpointing import CheckpointError
+    from diffusers_di_star.weights import CheckpointError as WeightsError
+
+    assert all(issubclass(cls, DIStarError) for cls in (ExportError, ModelLoadError, CheckpointError, WeightsError))
+
+
+def test_local_paths_never_get_hub_advice(tmp_path, capsys):
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"x" * 16)
+    assert not is_hub_id(str(weights)) and is_hub_id("owner/name") and not is_hub_id("a/b/c")
+    assert load_failure("--model", "owner/name", OSError("offline"), "a folder").endswith(
+        "Download it on a connected machine with `hf download owner/name`, or pass a folder (a local path)."
+    )
+    message = load_failure("--model", str(weights), OSError("bad"), "a folder")
+    assert message == f"--model {str(weights)!r} is not a folder (bad)."
+    out = str(tmp_path / "out.safetensors")
+    assert main(["export", "--model", str(weights), "--format", "comfyui-checkpoint", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "is a single file; this needs a Diffusers folder holding model_index.json" in err
+    assert "hf download" not in err
+    # A reward checkpoint given as a local copy that cannot be read: that copy is named, no download advice.
+    message = reward_load_failure("pickscore", {"pickscore": {"model": str(tmp_path)}}, OSError("no config"), "--r")
+    assert message == f"--reward 'pickscore': could not load it with --r pickscore.model={tmp_path} (no config)."
+    message = reward_load_failure("pickscore", {}, OSError("offline"), "--reward-option")
+    assert "`hf download yuvalkirstain/PickScore_v1`" in message and "--reward-option pickscore.model=PATH" in message
+    assert main(["eval", "--model", "m", "--prompts", "p", "--out", str(tmp_path / "e"),
+                 "--reward-option", "pickscore.model=./nope"]) == 2  # fmt: skip
+    assert "--reward-option pickscore.model=./nope: no such file or folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_eval_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    import diffusers_di_star.evaluation as evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "load_prompt_set", interrupted)
+    assert main(["eval", "--model", "m", "--prompts", "p", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "di-star eval: interrupted: finished images are kept, rerun the same command to resume."
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_is_one_line_and_nothing_is_half_written(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
+    import diffusers_di_star.export.files as files
+
+    out = tmp_path / "unet.safetensors"
+    monkeypatch.setattr(files, "save_file", enospc)
+    argv = ["export", "--model", tiny_sdxl_dir, "--format", "comfyui-unet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"di-star export: error: disk full at {tmp_path}: nothing was written ({str(out)!r} was not " \
+        "created); free space or pass another --out.\n"
+    assert os.listdir(tmp_path) == []
+
+    from PIL import Image
+
+    import diffusers_di_star.cli as cli
+
+    monkeypatch.setattr(Image.Image, "save", enospc)
+    with pytest.raises(cli.CLIError, match=f"disk full at {tmp_path}: .*000.png was not written"):
+        cli._save_new_png(Image.new("RGB", (8, 8)), str(tmp_path / "000.png"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tmp_path, monkeypatch, caplog):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from test_training_script import LORA, run, train_args
+    from training_helpers import PatternReward
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
+    save_state, calls = Accelerator.save_state, []
+
+    def full_at_second_save(self, folder, *args, **kwargs):
+        calls.append(folder)
+        return enospc() if len(calls) == 2 else save_state(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_second_save)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    caplog.set_level("INFO")
+    args = train_args(tiny_sdxl_dir, str(prompts), tmp_path / "out", *LORA, "--checkpointing_steps", "1")
+    with pytest.raises(script.TrainingStopped) as stopped:
+        run(script, *args)
+    assert str(stopped.value) == (
+        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written; the last checkpoint, checkpoint-1, is intact "
+        "(--resume_from_checkpoint latest). Free some space (or use --checkpoints_total_limit)."
+    )
+    assert "Saving current state" not in caplog.text and "saved " in caplog.text  # one line of ours per save
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "a", "--num-images", "100000000"], "--num-images must be in [1, 256]"),
+        (["generate", "--prompt", "a", "--prompt", "b", "--num-images", "200", "--batch-size", "2"],
+         "--num-images 200 × --batch-size 2 is more than 256 images in one pipeline call"),
+        (["generate", "--prompt", "a", "--device", "cudaa"], "--device 'cudaa' is not a device"),
+        (["bench", "--device", "cuda:0"], "--device 'cuda:0': no cuda device is available here; pass --device cpu."),
+        (["eval", "--model", "m", "--prompts", "p", "--metrics", ""], "--metrics is empty: name at least one reward"),
+        (["eval", "--model", "m", "--prompts", "p", "--metrics", " , "], "--metrics is empty"),
+    ],
+)  # fmt: skip
+def test_cli_edges_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    import diffusers_di_star.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_damaged_single_file_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
+    weights = os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors")
+    truncated = tmp_path / "unet.safetensors"
+    truncated.write_bytes(open(weights, "rb").read()[:1000])
+    for fmt in ("comfyui-unet", "diffusers"):
+        argv = ["export", "--model", str(truncated), "--format", fmt, "--out", str(tmp_path / f"o-{fmt}")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"di-star export: error: {str(truncated)!r} is damaged or not a safetensors file (")
+        assert err.count("\n") == 1
+
+
+def test_trainer_edges(script, tmp_path):
+    with pytest.raises(ValueError, match="--output_dir is empty: pass a folder"):
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", ""])
+    from diffusers_di_star.training import load_prompts
+
+    (tmp_path / "header.csv").write_text("prompt\n")
+    with pytest.raises(ValueError, match=r"--train_data_file '.*header.csv' holds no prompts"):
+        load_prompts(None, str(tmp_path / "header.csv"))
+
+
+def test_pipeline_refuses_float_sizes_nan_latents_and_huge_batches(tiny_components):
+    import torch
+
+    from diffusers_di_star import DIStarSDXLPipeline
+
+    pipe = DIStarSDXLPipeline(**tiny_components)
+    with pytest.raises(ValueError, match="`height` must be an integer number of pixels, got the float 64.0"):
+        pipe("a", height=64.0, width=64)
+    latents = torch.full((1, 4, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="`latents` hold NaN or infinite values"):
+        pipe("a", height=64, width=64, latents=latents)
+    with pytest.raises(ValueError, match=r"1,000,000,000 images in one call .* above the limit of 256"):
+        pipe("a", height=64, width=64, num_images_per_prompt=10**9)
