@@ -497,6 +497,8 @@ def main(args: argparse.Namespace) -> int:
     run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
+    # The model's family first (configs only, no weights): t* defaults to the family's, and resuming compares it.
+    family_class = check_models(args)
     resume = resolve_resume(
         accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
     )
@@ -517,7 +519,6 @@ def main(args: argparse.Namespace) -> int:
     )
     logger.info(f"{len(prompts)} training prompts")
     resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
-    family_class = check_models(args)
     config = make_config(args)  # after check_models: t* defaults to the family's
     reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
     set_seed(args.seed)  # the same on every rank: LoRA's random init must be identical everywhere
