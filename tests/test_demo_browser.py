@@ -128,3 +128,17 @@ def test_two_quick_prompts_end_with_the_image_of_the_last(page, server):
     sync_api.expect(page.locator("#status")).to_contain_text(f"{last} · 1 image")
     shown = PIL.Image.open(io.BytesIO(_shown_png(page)))
     np.testing.assert_array_equal(np.asarray(shown), _pipeline_image(server["model"], last, seed=0))
+
+
+def test_space_app_builds_the_page_from_its_variables(server, monkeypatch):
+    import runpy
+
+    import gradio as gr
+
+    monkeypatch.setenv("DI_STAR_MODEL", server["model"])
+    monkeypatch.setenv("DI_STAR_SIZE", "64")
+    app_file = os.path.join(os.path.dirname(__file__), "..", "examples", "space", "app.py")
+    demo = runpy.run_path(app_file, run_name="space")["demo"]
+    assert isinstance(demo, gr.Blocks)
+    values = [getattr(block, "value", None) for block in demo.blocks.values()]
+    assert server["model"] in values and 64 in values

@@ -56,9 +56,8 @@ def build_app(
 
     def save(images) -> tuple[list, list[str]]:
         paths = [image.save(os.path.join(output_dir, f"{next(counter):06d}_{image.seed}.png")) for image in images]
-        gallery = [
-            (path, f"seed {image.seed} · {image.seconds * 1000:.0f} ms") for path, image in zip(paths, images, strict=True)
-        ]
+        captions = [f"seed {image.seed} · {image.seconds * 1000:.0f} ms" for image in images]
+        gallery = list(zip(paths, captions, strict=True))
         return gallery, paths
 
     def settings(prompt, model_id, lora, lora_scale, seed, randomize, width, height, num_images) -> Settings:
