@@ -184,7 +184,7 @@ def _add_eval_parser(subparsers) -> None:
         "eval",
         help="score models on the paper's prompt sets (Table 1: Parti/COCO; Table 3: HPSv2)",
         description="Generate one image per prompt with each --model, score them with the reward models and write "
-        "per-image scores (CSV, JSON), a Markdown table in the paper's layout and an image grid to --out. An "
+        "per-image scores (CSV, JSON), a Markdown table in the paper's layout and a contact sheet to --out. An "
         "interrupted run resumes where it stopped. See docs/evaluation.md.",
     )
     p.add_argument("--model", action="append", required=True, help="Hub id or local SDXL-layout folder; repeatable")
