@@ -34,6 +34,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -41,7 +42,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.export import load_generator_unet
 from diffusers_di_star.export.lora import diffusers_lora_to_peft
-from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
+from diffusers_di_star.hub import VALIDATION_GRID, create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
     CFG_MODES,
@@ -511,15 +512,19 @@ def build_pipeline(args, generator_unet, tokenizers, text_encoders, vae, schedul
 
 
 def validate(args, pipeline, folder: str) -> list[str]:
-    """One image per validation prompt with a fixed seed, saved as PNG; returns the paths."""
+    """One image per validation prompt with a fixed seed, saved as PNG, and ``grid.png``: the prompts side by side
+    (one picture per validation step; the model card stacks them into the progression). Returns the image paths."""
     os.makedirs(folder, exist_ok=True)
-    paths = []
+    paths, images = [], []
     for i, prompt in enumerate(args.validation_prompts or ()):
         generator = torch.Generator(pipeline.device).manual_seed(args.seed)
         with torch.no_grad():
             image = pipeline(prompt, height=args.resolution, width=args.resolution, generator=generator).images[0]
         paths.append(os.path.join(folder, f"{i:03d}.png"))
         image.save(paths[-1])
+        images.append(image)
+    if images:
+        make_image_grid(images, rows=1, cols=len(images)).save(os.path.join(folder, VALIDATION_GRID))
     return paths
 
 

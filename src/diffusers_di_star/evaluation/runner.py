@@ -36,7 +36,15 @@ from tqdm.auto import tqdm
 from ..rewards import WeightedSumReward, load_reward
 from ..runtime import DTYPES, default_device, load_pipeline
 from .prompts import Prompt, PromptSet
-from .report import TABLE_1_METRICS, TABLE_3_METRICS, format_table, get_metric, summarize, write_contact_sheet, write_scores
+from .report import (
+    TABLE_1_METRICS,
+    TABLE_3_METRICS,
+    format_table,
+    get_metric,
+    summarize,
+    write_contact_sheet,
+    write_scores,
+)
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
