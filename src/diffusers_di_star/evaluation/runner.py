@@ -335,7 +335,7 @@ def _score(reward: WeightedSumReward, images: Sequence[Image.Image], texts: list
 
 
 def _report(out_dir, folders, prompts, prompt_set, metrics, run_settings) -> EvaluationResult:
-    """Write the scores, the table and the contact sheet for every model in ``out_dir`` scored on all of ``prompts``."""
+    """Write the scores, the table and the contact sheet of every model in ``out_dir`` scored on all ``prompts``."""
     records, incomplete = [], []
     for folder in folders:
         with open(os.path.join(out_dir, folder, "model.json"), encoding="utf-8") as file:
