@@ -20,10 +20,9 @@ def _execute(name: str, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()
-    text = "".join(
-        output.get("text", "") + output.get("data", {}).get("text/plain", "") for cell in code for output in cell.outputs
-    )
-    images = [output for cell in code for output in cell.outputs if "image/png" in output.get("data", {})]
+    outputs = [output for cell in code for output in cell.outputs]
+    text = "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "") for output in outputs)
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
     return text, images
 
 
