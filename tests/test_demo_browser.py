@@ -142,3 +142,18 @@ def test_space_app_builds_the_page_from_its_variables(server, monkeypatch):
     assert isinstance(demo, gr.Blocks)
     values = [getattr(block, "value", None) for block in demo.blocks.values()]
     assert server["model"] in values and 64 in values
+
+
+def test_serve_tiny_builds_a_local_model_and_launches_the_page(monkeypatch):
+    import gradio as gr
+
+    from diffusers_di_star.cli import main
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append((self, kwargs)))
+    assert main(["serve", "--tiny", "--port", "0", "--device", "cpu"]) == 0
+    (app, kwargs), = launched
+    assert kwargs == {"server_name": "127.0.0.1", "server_port": 0}
+    model = next(block.value for block in app.blocks.values() if getattr(block, "elem_id", None) == "model")
+    assert DIStarSDXLPipeline.from_pretrained(model).unet.config.block_out_channels == [32, 64]  # the tiny SDXL
+    assert next(block.value for block in app.blocks.values() if getattr(block, "elem_id", None) == "width") == 64
