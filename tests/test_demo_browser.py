@@ -114,10 +114,19 @@ def test_typed_prompt_shows_the_pipeline_image_and_its_png_carries_the_settings(
         PIL.Image.open(shot).convert("P", palette=PIL.Image.Palette.ADAPTIVE).save(os.environ["DI_STAR_SCREENSHOT"])
 
 
-def test_bad_model_path_shows_the_message_in_the_page(page):
-    page.locator("#model textarea, #model input").first.fill("./no/such/model-folder")
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"#model textarea": "./no/such/model-folder"}, "is neither a local folder nor a Hub id"),
+        ({"#width input": "4096", "#height input": "4096"}, "above this app's limit of 4,194,304 pixels"),
+    ],
+    ids=["bad-model-path", "size-limit"],
+)
+def test_bad_request_shows_the_message_in_the_page(page, fields, message):
+    for selector, value in fields.items():
+        page.locator(selector).fill(value)
     _type_prompt(page, "a red chair")
-    sync_api.expect(page.locator("#status")).to_contain_text("is neither a local folder nor a Hub id")
+    sync_api.expect(page.locator("#status")).to_contain_text(message)
     assert page.locator("#gallery img").count() == 0
 
 

@@ -47,10 +47,9 @@ def build_app(
     debounce: float = 0.3,
     max_pixels: int | None = MAX_PIXELS,
     output_dir: str | None = None,
-    cache: ModelCache | None = None,
 ) -> gr.Blocks:
     """The page: live generation, seed, size, batch grid, model and LoRA pickers, PNG download, before/after."""
-    cache = cache or ModelCache(device=device, dtype=dtype)
+    cache = ModelCache(device=device, dtype=dtype)
     output_dir = output_dir or tempfile.mkdtemp(prefix="di-star-demo-")
     counter = iter(range(10**12))
 
