@@ -127,3 +127,11 @@ def test_serve_checks_its_port_before_starting(capsys):
 
     assert main(["serve", "--tiny", "--port", "70000"]) == 2
     assert "di-star serve: error: --port must be in [0, 65535], got 70000." in capsys.readouterr().err
+
+
+def test_a_variant_is_used_where_a_model_has_it(tiny_sdxl_dir, tmp_path):
+    cache = ModelCache(device="cpu", variant="fp16")
+    assert cache.get(str(tiny_sdxl_dir)).unet.dtype == torch.float32  # no fp16 files: its own weights
+    DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir).save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))  # only fp16 files
+    assert cache.get(str(tmp_path / "fp16")).unet.dtype == torch.float32  # loaded from them, in the cache's dtype

@@ -368,6 +368,7 @@ def _add_serve_parser(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight SDXL built locally (offline)")
     p.add_argument("--size", type=int, default=None, help="initial width and height (default 1024; 64 with --tiny)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
     p.add_argument("--port", type=int, default=7860)
@@ -389,7 +390,9 @@ def _cmd_serve(args) -> None:
 
         model = save_tiny_sdxl_pipeline(os.path.join(tempfile.mkdtemp(prefix="di-star-tiny-"), "tiny-sdxl"))
         size = size or 64
-    app = build_app(model, args.compare_model, size=size or 1024, device=args.device, dtype=args.dtype)
+    app = build_app(
+        model, args.compare_model, size=size or 1024, device=args.device, dtype=args.dtype, variant=args.variant
+    )
     app.launch(server_name=args.host, server_port=args.port)
 
 

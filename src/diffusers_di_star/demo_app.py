@@ -130,12 +130,21 @@ def random_seed() -> int:
 class ModelCache:
     """The last ``size`` pipelines by (model, LoRA), loaded on first use; one generation at a time (``lock``).
 
-    ``size=2`` keeps both sides of a before/after comparison loaded.
+    ``size=2`` keeps both sides of a before/after comparison loaded. ``variant`` picks weight files (e.g. ``"fp16"``,
+    as the released checkpoints ship them) where a model has them, its default files otherwise.
     """
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, size: int = 2, loader=load_pipeline):
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        variant: str | None = None,
+        size: int = 2,
+        loader=load_pipeline,
+    ):
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.device)
+        self.variant = variant
         self.size = size
         self.lock = threading.Lock()
         self._loader = loader
@@ -148,7 +157,7 @@ class ModelCache:
             self._pipes.move_to_end(key)
             return self._pipes[key]
         try:
-            pipe = self._loader(key[0], dtype=self.dtype, device=self.device)
+            pipe = self._load(key[0])
         except ModelLoadError as err:
             raise DemoError(str(err).replace("--model ", "a model ")) from err
         if key[1] is not None:
@@ -165,6 +174,16 @@ class ModelCache:
         while len(self._pipes) > self.size:
             self._pipes.popitem(last=False)
         return pipe
+
+
+    def _load(self, model: str):
+        try:
+            return self._loader(model, dtype=self.dtype, device=self.device, variant=self.variant)
+        except ModelLoadError as err:
+            if self.variant is None or f"variant={self.variant}" not in str(err):
+                raise
+        # This model has no files of the variant (e.g. a user's finetune beside a released fp16 checkpoint): its own.
+        return self._loader(model, dtype=self.dtype, device=self.device)
 
 
 class LatestRequest:

@@ -44,12 +44,13 @@ def build_app(
     size: int = 1024,
     device: str | None = None,
     dtype: str | None = None,
+    variant: str | None = None,
     debounce: float = 0.3,
     max_pixels: int | None = MAX_PIXELS,
     output_dir: str | None = None,
 ) -> gr.Blocks:
     """The page: live generation, seed, size, batch grid, model and LoRA pickers, PNG download, before/after."""
-    cache = ModelCache(device=device, dtype=dtype)
+    cache = ModelCache(device=device, dtype=dtype, variant=variant)
     output_dir = output_dir or tempfile.mkdtemp(prefix="di-star-demo-")
     counter = iter(range(10**12))
 
