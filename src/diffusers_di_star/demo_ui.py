@@ -74,16 +74,17 @@ def build_app(
         )
 
     def run(latest: LatestRequest, request_id, live: bool, *values):
-        request_id = int(request_id)
-        latest.claim(request_id)
+        number = int(request_id or 0)  # 0: not numbered by the page (an API client), never superseded
+        latest.claim(number)
+        current = (lambda: latest.is_current(number)) if number else (lambda: True)
         if live and debounce:
             time.sleep(debounce)  # debounce: a keystroke within this pause supersedes this request
         try:
             request = settings(*values)
-            images = generate(cache, request, is_current=lambda: latest.is_current(request_id), max_pixels=max_pixels)
+            images = generate(cache, request, is_current=current, max_pixels=max_pixels)
         except DemoError as err:
             return None, None, f"⚠️ {err}", gr.skip()
-        if images is None or not latest.is_current(request_id):
+        if images is None or not current():
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()  # stale: a newer request shows its own images
         gallery, paths = save(images)
         return gallery, paths, _status(images, request.prompt), request.seed
