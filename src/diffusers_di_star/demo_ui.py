@@ -7,6 +7,7 @@ prompt. Errors are shown in the page's status line, never as a traceback.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -52,7 +53,7 @@ def build_app(
     """The page: live generation, seed, size, batch grid, model and LoRA pickers, PNG download, before/after."""
     cache = ModelCache(device=device, dtype=dtype, variant=variant)
     output_dir = output_dir or tempfile.mkdtemp(prefix="di-star-demo-")
-    counter = iter(range(10**12))
+    counter = itertools.count()
 
     def save(images) -> tuple[list, list[str]]:
         paths = [image.save(os.path.join(output_dir, f"{next(counter):06d}_{image.seed}.png")) for image in images]
