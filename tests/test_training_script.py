@@ -100,6 +100,7 @@ def test_lora_run_loads_in_both_pipelines(script, tiny_sdxl_dir, prompt_file, tm
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
     card = (tmp_path / "README.md").read_text()
     assert all(tag in card for tag in ("diffusers", "text-to-image", "di-star"))
+    assert ("](images/grid.png)" in card) == ("--validation_prompts" in extra)  # the final validation grid
     assert "hub_token" not in json.loads((tmp_path / "training_args.json").read_text())
     before = one_step_images(DIStarSDXLPipeline, tiny_sdxl_dir)
     ours = one_step_images(DIStarSDXLPipeline, tiny_sdxl_dir, tmp_path)

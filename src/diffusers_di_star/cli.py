@@ -1,4 +1,4 @@
-"""The ``di-star`` command line: ``di-star generate | demo | export | eval | bench``.
+"""The ``di-star`` command line: ``di-star generate | demo | export | eval | bench | serve``.
 
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
 Errors a user can fix (:class:`~diffusers_di_star.errors.DIStarError`: :class:`CLIError`, ``ModelLoadError``,
@@ -195,7 +195,7 @@ def _add_eval_parser(subparsers) -> None:
         "eval",
         help="score models on the paper's prompt sets (Table 1: Parti/COCO; Table 3: HPSv2)",
         description="Generate one image per prompt with each --model, score them with the reward models and write "
-        "per-image scores (CSV, JSON), a Markdown table in the paper's layout and an image grid to --out. An "
+        "per-image scores (CSV, JSON), a Markdown table in the paper's layout and a contact sheet to --out. An "
         "interrupted run resumes where it stopped. See docs/evaluation.md.",
     )
     p.add_argument("--model", action="append", required=True, help="Hub id or local SDXL-layout folder; repeatable")
@@ -368,6 +368,49 @@ def _cmd_bench(args) -> None:
         print(f"wrote {path}")
 
 
+def _add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="the demo app in your browser: live one-step generation as you type, before/after of two models",
+        description="A Gradio page (pip install 'diffusers-di-star[demo]'): images follow your typing; seed, size, "
+        "batch grid, model and LoRA pickers, PNG download with the settings in its metadata, and the same seed "
+        "through two models side by side. --tiny builds a tiny offline model to try the page without a download.",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--compare-model", default=None, help="the 'after' model of the before/after tab (default --model)")
+    p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight SDXL built locally (offline)")
+    p.add_argument("--size", type=int, default=None, help="initial width and height (default 1024; 64 with --tiny)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}.")
+    try:
+        from .demo_ui import build_app
+    except ImportError as err:
+        raise CLIError(f"di-star serve needs gradio ({err}): pip install 'diffusers-di-star[demo]'.") from err
+    model, size = args.model, args.size
+    if args.tiny:
+        import tempfile
+
+        from .testing import save_tiny_sdxl_pipeline
+
+        model = save_tiny_sdxl_pipeline(os.path.join(tempfile.mkdtemp(prefix="di-star-tiny-"), "tiny-sdxl"))
+        size = size or 64
+    app = build_app(
+        model, args.compare_model, size=size or 1024, device=args.device, dtype=args.dtype, variant=args.variant
+    )
+    app.launch(server_name=args.host, server_port=args.port)
+
+
 #: Smallest (and largest) value of each numeric option, by its argparse ``dest``, for every sub-command that has it.
 #: Floats must also be finite. A ``--seed`` is a 32-bit unsigned integer; eval derives SEED*1000000+i from it.
 _NUMBER_RANGES = {
@@ -470,7 +513,8 @@ def _check_device(device: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="di-star", description="Diff-Instruct* one-step SDXL tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate_parser, _add_demo_parser, _add_export_parser, _add_eval_parser, _add_bench_parser):
+    for add in (_add_generate_parser, _add_demo_parser, _add_export_parser, _add_eval_parser, _add_bench_parser,
+                _add_serve_parser):
         add(subparsers)
     return parser
 

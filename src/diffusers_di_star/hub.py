@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 
 from .errors import first_line
 
-__all__ = ["TAGS", "create_hub_repo", "push_folder", "write_model_card"]
+__all__ = ["TAGS", "VALIDATION_GRID", "create_hub_repo", "push_folder", "validation_progression", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
 #: Hub tags of every DI* model (and its family's ``hub_tag``).
 TAGS = ("diffusers", "text-to-image", "di-star")
 
+
+#: The trainer's picture of one validation step: its prompts side by side, written beside their PNGs.
+VALIDATION_GRID = "grid.png"
 
 #: Settings already stated in the card's text or irrelevant to the weights, left out of its hyperparameter table.
 _NOT_IN_TABLE = ("pretrained_model_name_or_path", "pretrained_generator", "pretrained_generator_weight_name", "reward")
@@ -91,7 +95,7 @@ def write_model_card(
     table = "\n".join(
         f"| `{key}` | `{value}` |" for key, value in sorted(h.items()) if key not in _NOT_IN_TABLE
     )
-    gallery = "\n".join(f"![]({os.path.relpath(image, output_dir)})" for image in images)
+    gallery = _gallery(output_dir, images)
     reward_licence = f", and of the reward model `{reward}`," if reward is not None else ""
     text = f"""---
 {metadata.to_yaml()}
@@ -133,6 +137,48 @@ initial weights{reward_licence} before use.
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def validation_progression(output_dir: str) -> tuple[str, list[int]] | None:
+    """Stack the grids of ``validation/step-N/`` into ``validation/progression.png``: a row per step, in step order.
+
+    Returns its path and the steps shown, or ``None`` without grids. Grids of another size than the last one (a
+    resumed run with other prompts or resolution) are left out.
+    """
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    folder = os.path.join(output_dir, "validation")
+    steps = sorted(
+        int(match.group(1))
+        for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+        if (match := re.fullmatch(r"step-(\d+)", name)) and os.path.isfile(os.path.join(folder, name, VALIDATION_GRID))
+    )
+    grids = {step: Image.open(os.path.join(folder, f"step-{step}", VALIDATION_GRID)).convert("RGB") for step in steps}
+    steps = [step for step in steps if grids[step].size == grids[steps[-1]].size] if steps else []
+    if not steps:
+        return None
+    path = os.path.join(folder, "progression.png")
+    make_image_grid([grids[step] for step in steps], rows=len(steps), cols=1).save(path)
+    return path, steps
+
+
+def _gallery(output_dir: str, images) -> str:
+    """The card's pictures: the final validation grid (else the images) and the progression across validation steps."""
+    lines = []
+    grid = os.path.join(os.path.dirname(images[0]), VALIDATION_GRID) if images else None
+    if grid and os.path.isfile(grid):
+        lines.append(f"![The validation prompts, left to right, after training]({os.path.relpath(grid, output_dir)})")
+    else:
+        lines += [f"![]({os.path.relpath(image, output_dir)})" for image in images]
+    progression = validation_progression(output_dir)
+    if progression is not None:
+        path, steps = progression
+        lines.append(
+            f"![Validation during training: a row per validation step (steps {', '.join(map(str, steps))}, top to "
+            f"bottom)]({os.path.relpath(path, output_dir)})"
+        )
+    return "## Samples\n\n" + "\n\n".join(lines) if lines else ""
 
 
 def create_hub_repo(repo_id: str, token: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Metrics in the paper's scales, and what an evaluation writes: per-image scores, the Markdown table, an image grid.
+"""Metrics in the paper's scales, and what an evaluation writes: per-image scores, the Markdown table, a contact sheet.
 
 The table has the paper's layout: one row per model; Table 1's columns (ImageReward, Aesthetic, PickScore, CLIP,
 means over all images) and, for a prompt set with styles, Table 3's (HPS per style and their average).
@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from diffusers.utils import make_image_grid
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..rewards import available_rewards, parse_reward_spec
 
@@ -42,7 +42,8 @@ METRICS = {
 }
 TABLE_1_METRICS = ("imagereward", "aesthetic", "pickscore", "clip")
 TABLE_3_METRICS = ("hpsv2.1",)
-_GRID_COLUMNS, _GRID_THUMBNAIL = 8, 256
+#: The contact sheet: prompts shown, largest image width, and the room for the model names and the prompts.
+_SHEET_COLUMNS, _SHEET_THUMBNAIL, _SHEET_LABEL, _SHEET_HEADER = 8, 256, 160, 20
 
 
 def get_metric(name: str) -> Metric:
@@ -91,21 +92,31 @@ def write_scores(out_dir: str, records: Sequence[Mapping], settings: Mapping, su
     return paths
 
 
-def write_grid(out_dir: str, records: Sequence[Mapping]) -> str:
-    """``grid.png``: one row per model, up to 8 prompts spread over the evaluated ones, 256-pixel thumbnails."""
+def write_contact_sheet(out_dir: str, records: Sequence[Mapping]) -> str:
+    """``contact_sheet.png``: one row per model (named on the left), its images of the first 8 prompts as columns
+    (``#index prompt`` on top), each at most 256 pixels wide; images of that width or less are pasted unscaled."""
     by_model: dict[str, list[Mapping]] = {}
     for record in records:
         by_model.setdefault(record["model"], []).append(record)
-    count = len(next(iter(by_model.values())))
-    picked = range(0, count, max(1, count // _GRID_COLUMNS))[:_GRID_COLUMNS]
-    images = [
-        Image.open(os.path.join(out_dir, rows[i]["image"])).convert("RGB")
-        for rows in by_model.values()
-        for i in picked
-    ]
-    size = min(_GRID_THUMBNAIL, images[0].width)
-    path = os.path.join(out_dir, "grid.png")
-    make_image_grid(images, rows=len(by_model), cols=len(picked), resize=size).save(path)
+    first = next(iter(by_model.values()))[:_SHEET_COLUMNS]
+    with Image.open(os.path.join(out_dir, first[0]["image"])) as image:
+        width = min(_SHEET_THUMBNAIL, image.width)
+        height = round(image.height * width / image.width)
+    sheet = Image.new("RGB", (_SHEET_LABEL + len(first) * width, _SHEET_HEADER + len(by_model) * height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, record in enumerate(first):
+        caption = textwrap.shorten(f"#{record['index']} {record['prompt']}", max(8, width // 6), placeholder="…")
+        draw.text((_SHEET_LABEL + column * width + 2, 4), caption, fill="black")
+    for row, (model, rows) in enumerate(by_model.items()):
+        top = _SHEET_HEADER + row * height
+        draw.multiline_text((4, top + 4), "\n".join(textwrap.wrap(model, 24)[-6:]), fill="black")
+        for column, record in enumerate(rows[: len(first)]):
+            with Image.open(os.path.join(out_dir, record["image"])) as image:
+                image = image.convert("RGB")
+                sheet.paste(image if image.size == (width, height) else image.resize((width, height)),
+                            (_SHEET_LABEL + column * width, top))
+    path = os.path.join(out_dir, "contact_sheet.png")
+    sheet.save(path)
     return path
 
 

@@ -8,7 +8,8 @@ Output folder::
     OUT/<model>/images/NNNNN.png one image per prompt, named by the prompt's index in the prompt set
     OUT/<model>/scores.jsonl     one line per image, appended and flushed after every batch
     OUT/scores.csv, scores.json  every image of every model; scores.json also holds the settings and the means
-    OUT/table.md                 the Markdown table (paper layout), OUT/grid.png a small image grid
+    OUT/table.md                 the Markdown table (paper layout), OUT/contact_sheet.png the first prompts' images
+                                 of every model, a row each
 
 Image ``i`` is generated from its own ``torch.Generator("cpu").manual_seed(seed * 1_000_000 + i)``, so an image
 depends on the seed and its prompt only: not on the batch size (up to float rounding in batched matmuls, at most
@@ -38,7 +39,15 @@ from ..rewards import WeightedSumReward, load_reward
 from ..runtime import DTYPES, default_device, load_pipeline
 from ..sources import reward_load_failure
 from .prompts import Prompt, PromptSet
-from .report import TABLE_1_METRICS, TABLE_3_METRICS, format_table, get_metric, summarize, write_grid, write_scores
+from .report import (
+    TABLE_1_METRICS,
+    TABLE_3_METRICS,
+    format_table,
+    get_metric,
+    summarize,
+    write_contact_sheet,
+    write_scores,
+)
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
@@ -111,7 +120,7 @@ class ModelSpec:
 @dataclass
 class EvaluationResult:
     """What :func:`evaluate` wrote: the Markdown ``table``, the per-model ``summary``, the per-image ``records``, and
-    the ``files`` (``table``, ``csv``, ``json``, ``grid``) by kind."""
+    the ``files`` (``table``, ``csv``, ``json``, ``contact_sheet``) by kind."""
 
     table: str
     summary: dict
@@ -326,7 +335,7 @@ def _score(reward: WeightedSumReward, images: Sequence[Image.Image], texts: list
 
 
 def _report(out_dir, folders, prompts, prompt_set, metrics, run_settings) -> EvaluationResult:
-    """Write the scores, the table and the grid for every model in ``out_dir`` scored on all of ``prompts``."""
+    """Write the scores, the table and the contact sheet of every model in ``out_dir`` scored on all ``prompts``."""
     records, incomplete = [], []
     for folder in folders:
         with open(os.path.join(out_dir, folder, "model.json"), encoding="utf-8") as file:
@@ -344,7 +353,7 @@ def _report(out_dir, folders, prompts, prompt_set, metrics, run_settings) -> Eva
     if incomplete:
         table += f"\nNot scored on all these prompts (rerun with their --model to complete): {', '.join(incomplete)}\n"
     files = write_scores(out_dir, records, {"prompts": prompt_set.name, **run_settings}, summary)
-    files["grid"] = write_grid(out_dir, records)
+    files["contact_sheet"] = write_contact_sheet(out_dir, records)
     files["table"] = os.path.join(out_dir, "table.md")
     with open(files["table"], "w", encoding="utf-8") as file:
         file.write(table)
