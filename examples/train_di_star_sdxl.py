@@ -64,7 +64,6 @@ from diffusers_di_star.training.config import add_config_arguments
 from diffusers_di_star.training.ema import ShardedEMA
 from diffusers_di_star.training.engine import (
     ROLE_DIRS,
-    WEIGHT_DTYPES,
     backward,
     check_accelerator,
     check_engine,
@@ -408,8 +407,6 @@ def hub_repo_id(args: argparse.Namespace) -> str:
     return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
-
-
 def load_vae(args) -> AutoencoderKL:
     if args.pretrained_vae_model_name_or_path is not None:
         return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision)
@@ -423,14 +420,13 @@ def build_pipeline(args, generator_unet, family, vae):
     return family.build_pipeline(generator_unet, vae, args.conditioning_timestep)
 
 
-def validate(args, pipeline, folder: str) -> list[str]:
+def validate(args, pipeline, folder: str, weight_dtype: torch.dtype = torch.float32) -> list[str]:
     """One image per validation prompt with a fixed seed, saved as PNG, and ``grid.png``: the prompts side by side
     (one picture per validation step; the model card stacks them into the progression). Returns the image paths."""
     os.makedirs(folder, exist_ok=True)
     paths, images = [], []
     # A full finetune keeps g_θ in float32 beside frozen text encoders in the weight dtype: render under autocast to
     # that dtype, as the training steps run (accelerate's autocast); a no-op without mixed precision.
-    weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
     autocast = torch.autocast(pipeline.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     for i, prompt in enumerate(args.validation_prompts or ()):
         generator = torch.Generator(pipeline.device).manual_seed(args.seed)
@@ -688,7 +684,9 @@ def main(args: argparse.Namespace) -> int:
             generator = gather_unet(accelerator, networks, "generator")  # all ranks: a gather under FSDP
             if accelerator.is_main_process:
                 pipeline = build_pipeline(args, generator, family, vae)
-                paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
+                paths = validate(
+                    args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"), dtypes.weight
+                )
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
     progress.close()
     stop.restore()
@@ -714,7 +712,7 @@ def main(args: argparse.Namespace) -> int:
     status = 0
     if accelerator.is_main_process:
         try:
-            status = export(args, networks, generator, family, vae)
+            status = export(args, networks, generator, family, vae, dtypes.weight)
         except (OSError, SafetensorError) as error:
             if not is_disk_full(error):
                 raise
@@ -726,7 +724,7 @@ def main(args: argparse.Namespace) -> int:
     return status
 
 
-def export(args, networks, generator_unet, family, vae) -> int:
+def export(args, networks, generator_unet, family, vae, weight_dtype: torch.dtype = torch.float32) -> int:
     """The final folder: LoRA weights or a full pipeline, validation images, model card; optionally pushed.
 
     ``generator_unet`` holds g_θ's full weights (:func:`gather_unet`, with the EMA copied in when ``--use_ema``).
@@ -736,7 +734,7 @@ def export(args, networks, generator_unet, family, vae) -> int:
         family.save_lora_weights(args.output_dir, *networks.lora_state_dict("generator", generator_unet))
     else:
         pipeline.save_pretrained(args.output_dir)
-    images = validate(args, pipeline, os.path.join(args.output_dir, "images"))
+    images = validate(args, pipeline, os.path.join(args.output_dir, "images"), weight_dtype)
     hyperparameters = {
         k: v
         for k, v in vars(args).items()
