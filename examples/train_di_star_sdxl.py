@@ -497,17 +497,12 @@ def main(args: argparse.Namespace) -> int:
         fsdp_plugin=getattr(accelerator.state, "fsdp_plugin", None),
     )
     check_accelerator(accelerator)
-    # The run folder, the checkpoint to resume (settings checked) and the Hub repo are settled before anything loads,
-    # decided by the main process for every rank: a mismatch or a bad token fails in seconds, not after the run.
+    # The run folder, the Hub repo, the prompts and the checkpoint to resume (settings checked) are settled before any
+    # weights load, decided by the main process for every rank: a mismatch or a bad token fails in seconds.
     # One owner per run folder: the main process takes the lock, every rank gets its outcome.
     run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
-    # The model's family first (configs only, no weights): t* defaults to the family's, and resuming compares it.
-    family_class = check_models(args)
-    resume = resolve_resume(
-        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
-    )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
     logger.info(accelerator.state, main_process_only=False)  # after the refusals above: they stay one line
@@ -524,6 +519,11 @@ def main(args: argparse.Namespace) -> int:
         ),
     )
     logger.info(f"{len(prompts)} training prompts")
+    # The model's family (configs only, no weights): t* defaults to the family's, and resuming compares it.
+    family_class = check_models(args)
+    resume = resolve_resume(
+        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
+    )
     resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
     config = make_config(args)  # after check_models: t* defaults to the family's
     reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
