@@ -13,7 +13,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, generate_x0
-from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, DIStarSDXLPipeline, as_lcm_scheduler
+from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS, DIStarSDXLPipeline, as_lcm_scheduler
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -101,6 +101,7 @@ class DIStarSDPipeline(StableDiffusionPipeline):
     prepare_latents = DIStarSDXLPipeline.prepare_latents
     decode_latents = DIStarSDXLPipeline.decode_latents
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    max_batch_size: int | None = MAX_BATCH_SIZE
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
