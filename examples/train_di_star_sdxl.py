@@ -358,13 +358,19 @@ def load_reward(spec: str, **options):
         raise ValueError(reward_load_failure(spec, options, error, "--reward_option")) from error
 
 
-def check_models(args: argparse.Namespace):
-    """The reference model's family (from its ``model_index.json``); it is reachable and the LoRA targets exist in its
-    network (from its config, no weights)."""
+def resolve_conditioning_timestep(args: argparse.Namespace):
+    """Set ``args.conditioning_timestep`` to the family's default t* when not given, check it; return the family."""
     family_class = detect_model_family(args.pretrained_model_name_or_path, revision=args.revision)
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family_class.default_conditioning_timestep
     args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
+    return family_class
+
+
+def check_models(args: argparse.Namespace):
+    """The reference model's family (from its ``model_index.json``); it is reachable and the LoRA targets exist in its
+    network (from its config, no weights)."""
+    family_class = resolve_conditioning_timestep(args)
     config = load_network_config(family_class, args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
@@ -497,12 +503,17 @@ def main(args: argparse.Namespace) -> int:
         fsdp_plugin=getattr(accelerator.state, "fsdp_plugin", None),
     )
     check_accelerator(accelerator)
-    # The run folder, the Hub repo, the prompts and the checkpoint to resume (settings checked) are settled before any
-    # weights load, decided by the main process for every rank: a mismatch or a bad token fails in seconds.
+    # The run folder, the checkpoint to resume (settings checked) and the Hub repo are settled before anything loads,
+    # decided by the main process for every rank: a mismatch or a bad token fails in seconds, not after the run.
     # One owner per run folder: the main process takes the lock, every rank gets its outcome.
     run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
+    if args.resume_from_checkpoint is not None:
+        resolve_conditioning_timestep(args)  # the family's default t* (model_index.json only): resuming compares it
+    resume = resolve_resume(
+        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
+    )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
     logger.info(accelerator.state, main_process_only=False)  # after the refusals above: they stay one line
@@ -519,11 +530,7 @@ def main(args: argparse.Namespace) -> int:
         ),
     )
     logger.info(f"{len(prompts)} training prompts")
-    # The model's family (configs only, no weights): t* defaults to the family's, and resuming compares it.
     family_class = check_models(args)
-    resume = resolve_resume(
-        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
-    )
     resolve_max_train_steps(args, len(prompts), accelerator.num_processes)
     config = make_config(args)  # after check_models: t* defaults to the family's
     reward_model = load_reward(args.reward, **args.reward_options) if config.reward_scale > 0 else None
