@@ -120,7 +120,12 @@ ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     models = parser.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL reference (Hub id or folder).")
+    models.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="The reference model (Hub id or Diffusers folder); its family (SDXL, SD1.5/2.x, ...) is read from its "
+        "model_index.json.",
+    )
     models.add_argument("--pretrained_vae_model_name_or_path", default=None, help="e.g. madebyollin/sdxl-vae-fp16-fix")
     models.add_argument("--revision", default=None)
     models.add_argument("--variant", default=None, help="e.g. fp16")
