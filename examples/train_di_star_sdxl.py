@@ -75,6 +75,7 @@ from diffusers_di_star.training.preflight import (
     is_hub_id,
     load_network_config,
 )
+from diffusers_di_star.training.prompt_cache import PromptEmbeddingCache
 
 logger = get_logger(__name__)
 
@@ -194,6 +195,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=1024)
+    data.add_argument(
+        "--precompute_prompt_embeddings",
+        action="store_true",
+        help="Encode every prompt once before training (--output_dir/prompt_embeddings.safetensors, reused on resume) "
+        "and keep the text encoders on the CPU while training (e.g. SD3's T5-XXL).",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="di-star-sdxl")
@@ -506,7 +513,19 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks, family) -> Non
 
 def build_pipeline(args, generator_unet, family, vae):
     """The family's one-step pipeline (e.g. ``DIStarSDXLPipeline``) around the generator."""
+    if args.precompute_prompt_embeddings:  # the text encoders waited on the CPU
+        family.to(generator_unet.device)
     return family.build_pipeline(generator_unet, vae, args.conditioning_timestep)
+
+
+def precompute_prompt_embeddings(args, family, prompts) -> PromptEmbeddingCache:
+    """Every prompt's conditioning, encoded once (or read back on resume); the text encoders then go to the CPU."""
+    path = os.path.join(args.output_dir, "prompt_embeddings.safetensors")
+    model = resume_settings(args)["pretrained_model_name_or_path"]
+    cache = PromptEmbeddingCache.load_or_build(path, family, prompts, args.resolution, model)
+    family.to("cpu")
+    logger.info(f"prompt embeddings of {len(cache.index)} prompts in {path}; text encoders on the CPU")
+    return cache
 
 
 def validate(args, pipeline, folder: str) -> list[str]:
@@ -637,6 +656,10 @@ def main(args: argparse.Namespace) -> int:
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     family.to(accelerator.device, dtype=weight_dtype)
+    prompt_encoder = family
+    if args.precompute_prompt_embeddings:
+        prompt_encoder = local_main_first(accelerator, lambda: precompute_prompt_embeddings(args, family, prompts))
+        prompt_encoder.to(accelerator.device)
     if reward_model is not None:
         reward_model.to(accelerator.device)
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
@@ -693,7 +716,7 @@ def main(args: argparse.Namespace) -> int:
         for micro in range(args.gradient_accumulation_steps):
             index = step * args.gradient_accumulation_steps + micro
             batch = prompt_batch(prompts, index, args.train_batch_size, args.seed, accelerator.process_index, world)
-            yield batch, family.encode(batch, args.resolution)
+            yield batch, prompt_encoder.encode(batch, args.resolution)
 
     def update(optimizer, lr_scheduler, params, losses):
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
@@ -773,6 +796,8 @@ def main(args: argparse.Namespace) -> int:
                 pipeline = build_pipeline(args, generator, family, vae)
                 paths = validate(args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"))
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
+                if args.precompute_prompt_embeddings:
+                    family.to("cpu")
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import test_training_script as trainer_tests
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from test_losses import (
@@ -20,15 +21,7 @@ from test_losses import (
     _mc_z_scores,
     _per_sample_params,
 )
-from test_training_script import (  # noqa: F401 (script, prompt_file and the autouse fixture are fixtures)
-    LORA,
-    lora_tensors,
-    one_thread_and_stub_reward,
-    prompt_file,
-    run,
-    script,
-    train_args,
-)
+from test_training_script import LORA, lora_tensors, run, train_args
 
 from diffusers_di_star import DIStarSD3Pipeline
 from diffusers_di_star.families import SD3Family, detect_family
@@ -39,12 +32,21 @@ from diffusers_di_star.testing import TINY_PROMPTS, get_tiny_sd3_components, sav
 from diffusers_di_star.training import DIStarConfig
 
 PROMPTS = list(TINY_PROMPTS[:2])
+# The trainer tests' fixtures: the example script, a prompt file, one thread and a stub reward for every test.
+script, prompt_file, one_thread_and_stub_reward = (
+    trainer_tests.script,
+    trainer_tests.prompt_file,
+    trainer_tests.one_thread_and_stub_reward,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd3")
-    return {"t5": save_tiny_sd3_pipeline(folder / "t5"), "no-t5": save_tiny_sd3_pipeline(folder / "no-t5", with_t5=False)}
+    return {
+        "t5": save_tiny_sd3_pipeline(folder / "t5"),
+        "no-t5": save_tiny_sd3_pipeline(folder / "no-t5", with_t5=False),
+    }
 
 
 def _family(components) -> SD3Family:
@@ -182,14 +184,19 @@ def test_theorem_3_1_for_a_flow_model():
 # ---- the trainer on the tiny SD3 ----------------------------------------------------------------------------------
 
 
-def test_lora_run_resumes_exactly_and_loads_in_both_pipelines(script, tiny_sd3, prompt_file, tmp_path):
+def test_lora_run_resumes_exactly_with_precomputed_prompts_and_loads_in_both_pipelines(
+    script, tiny_sd3, prompt_file, tmp_path
+):
     model, common = tiny_sd3["t5"], [*LORA, "--generator_lora_target_modules", "attn.to_q,attn.add_q_proj"]
-    common += ["--assistant_lora_target_modules", "to_q,to_k,to_v,to_out.0"]
+    common += ["--assistant_lora_target_modules", "to_q,to_k,to_v,to_out.0", "--precompute_prompt_embeddings"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(script, *train_args(model, prompt_file, straight, *common, "--max_train_steps", "3")) == 0
+    # Both runs precompute their prompt embeddings; the resumed one reads the interrupted one's back (file untouched).
     assert run(script, *train_args(model, prompt_file, resumed, *common, "--checkpointing_steps", "1")) == 0
+    mtime = (resumed / "prompt_embeddings.safetensors").stat().st_mtime_ns
     resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
     assert run(script, *train_args(model, prompt_file, resumed, *common, *resume)) == 0
+    assert (resumed / "prompt_embeddings.safetensors").stat().st_mtime_ns == mtime
     expected, actual = lora_tensors(straight), lora_tensors(resumed)
     assert expected.keys() == actual.keys() and all(k.startswith("transformer.") for k in expected)
     assert any("add_q_proj" in k for k in expected)

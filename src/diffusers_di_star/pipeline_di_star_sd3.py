@@ -108,7 +108,7 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def to_json_string(self) -> str:
-        """`model_index.json` with `_class_name` `StableDiffusion3Pipeline`: a saved folder is a standard SD3 folder."""
+        """`model_index.json` with `_class_name` `StableDiffusion3Pipeline`: a saved folder is a plain SD3 folder."""
         model_index = json.loads(super().to_json_string())
         model_index["_class_name"] = StableDiffusion3Pipeline.__name__
         return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
@@ -147,8 +147,8 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
             check_sigma_star(conditioning_timestep)
         if self.max_image_pixels is not None and height * width > self.max_image_pixels:
             raise ValueError(
-                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a smaller "
-                "size, or raise the limit (None lifts it)."
+                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a "
+                "smaller size, or raise the limit (None lifts it)."
             )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
@@ -299,7 +299,11 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
         latents = one_step_x0(velocity, latents, sigma_star, schedule).to(prompt_embeds.dtype)
 
         if callback_on_step_end is not None:
-            tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+            tensors = {
+                "latents": latents,
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+            }
             tensors = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
             callback_outputs = callback_on_step_end(self, 0, sigma_star, tensors) or {}
             latents = callback_outputs.pop("latents", latents)

@@ -60,7 +60,7 @@ def check_sigma_star(sigma_star) -> float:
 
 
 def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """σ = shift·u / (1 + (shift − 1)·u), the map of diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1: σ = u)."""
+    """σ = shift·u / (1 + (shift − 1)·u), as diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1: σ = u)."""
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -198,9 +198,12 @@ class SD3Family(ModelFamily):
         kwargs = {"revision": revision, "variant": variant}
         with_t5 = any(read_model_index(name, revision).get("text_encoder_3") or ())
         suffixes = ("", "_2", "_3") if with_t5 else ("", "_2")
-        tokenizers = [AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in suffixes]
+        tokenizers = [
+            AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in suffixes
+        ]
         text_encoders = [
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder=f"text_encoder{s}", **kwargs) for s in ("", "_2")
+            CLIPTextModelWithProjection.from_pretrained(name, subfolder=f"text_encoder{s}", **kwargs)
+            for s in ("", "_2")
         ]
         if with_t5:
             text_encoders.append(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **kwargs))
@@ -247,7 +250,7 @@ class SD3Family(ModelFamily):
         return shift_sigmas(u, self.shift)
 
     def denoise(self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning):
-        """The transformer's velocity at (x_t, σ·1000, c); its forward takes the text before the timestep, so by name."""
+        """The transformer's velocity at (x_t, σ·1000, c), called by name (its forward takes the text first)."""
         return network(
             hidden_states=x_t.to(cond.dtype),
             timestep=self.schedule.network_timestep(timesteps),
