@@ -215,14 +215,26 @@ def test_lora_run_resumes_exactly_with_precomputed_prompts_and_loads_in_both_pip
 
 def test_full_run_without_t5_writes_an_sd3_pipeline(script, tiny_sd3, prompt_file, tmp_path):
     model = tiny_sd3["no-t5"]
-    extra = ["--validation_prompts", "a cat", "--cfg_mode", "reward", "--divergence", "kl"]
+    extra = [
+        "--validation_prompts",
+        "a cat",
+        "--cfg_mode",
+        "reward",
+        "--divergence",
+        "kl",
+        "--mixed_precision",
+        "bf16",
+    ]
     assert run(script, *train_args(model, prompt_file, tmp_path, *extra)) == 0
     assert (tmp_path / "images" / "000.png").is_file()
     pipe = DIStarSD3Pipeline.from_pretrained(tmp_path)
     assert pipe.conditioning_timestep == 1.0 and pipe.text_encoder_3 is None
     ours = _images(pipe)
     assert np.abs(ours - _images(DIStarSD3Pipeline.from_pretrained(model))).max() > 1e-3
-    plain = StableDiffusion3Pipeline.from_pretrained(tmp_path, text_encoder_3=None, tokenizer_3=None)
+    # (the bf16 run saved its frozen text encoders in bf16: load every component in float32, as ours does)
+    plain = StableDiffusion3Pipeline.from_pretrained(
+        tmp_path, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
     np.testing.assert_allclose(ours, _images(plain, num_inference_steps=1, guidance_scale=0), atol=1e-5)
 
 

@@ -284,13 +284,16 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
             latents,
         )
 
-        # 4. The one step: x0 = z − σ*·v_θ(z, σ*, c)
+        # 4. The one step: x0 = z − σ*·v_θ(z, σ*, c), in the transformer's dtype (a trainer's generator may be
+        # float32 next to bfloat16 text encoders)
+        dtype = self.transformer.dtype
+
         def velocity(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             return self.transformer(
-                hidden_states=x,
+                hidden_states=x.to(dtype),
                 timestep=schedule.network_timestep(sigmas),
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled_prompt_embeds,
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled_prompt_embeds.to(dtype),
                 joint_attention_kwargs=joint_attention_kwargs,
                 return_dict=False,
             )[0]
