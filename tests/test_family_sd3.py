@@ -227,6 +227,9 @@ def test_full_run_without_t5_writes_an_sd3_pipeline(script, tiny_sd3, prompt_fil
     ]
     assert run(script, *train_args(model, prompt_file, tmp_path, *extra)) == 0
     assert (tmp_path / "images" / "000.png").is_file()
+    card = (tmp_path / "README.md").read_text()
+    assert "`StableDiffusion3Pipeline` with `num_inference_steps=1` and `guidance_scale=0`" in card
+    assert "LCMScheduler" not in card and "- sd3" in card
     pipe = DIStarSD3Pipeline.from_pretrained(tmp_path)
     assert pipe.conditioning_timestep == 1.0 and pipe.text_encoder_3 is None
     ours = _images(pipe)

@@ -151,6 +151,9 @@ class SD3Family(ModelFamily):
 
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    display_name = "SD3 / SD3.5"
+    hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
+    license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
     network_subfolder = "transformer"
     latent_channels = 16
     default_conditioning_timestep = DEFAULT_SIGMA_STAR
@@ -236,6 +239,13 @@ class SD3Family(ModelFamily):
     @classmethod
     def check_conditioning_timestep(cls, conditioning_timestep) -> float:
         return check_sigma_star(conditioning_timestep)
+
+    @classmethod
+    def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
+        """At σ* = 1 diffusers' one Euler step; otherwise ``sigmas=[σ*]`` with the shift switched off."""
+        if conditioning_timestep == 1:
+            return "`num_inference_steps=1` and `guidance_scale=0`"
+        return f"`sigmas=[{conditioning_timestep}]` on an unshifted scheduler (`shift=1.0`) and `guidance_scale=0`"
 
     def encode(self, prompts: Sequence[str], resolution: int) -> SD3Conditioning:
         return encode_sd3_prompts(
