@@ -80,6 +80,7 @@ from diffusers_di_star.training.preflight import (
     detect_model_family,
     load_network_config,
 )
+from diffusers_di_star.training.prompt_cache import PromptEmbeddingCache
 from diffusers_di_star.training.resume import check_step_bound, resume_settings
 from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
 from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
@@ -121,7 +122,12 @@ LORA_RANK_DEFAULT = DIStarConfig.generator_lora_rank
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     models = parser.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL reference (Hub id or folder).")
+    models.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="The reference model (Hub id or Diffusers folder); its family (SDXL, SD1.5/2.x, ...) is read from its "
+        "model_index.json.",
+    )
     models.add_argument("--pretrained_vae_model_name_or_path", default=None, help="e.g. madebyollin/sdxl-vae-fp16-fix")
     models.add_argument("--revision", default=None)
     models.add_argument("--variant", default=None, help="e.g. fp16")
@@ -183,6 +189,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt_column", "--caption_column", default=None, help="Default: 'text' for .txt, 'prompt' otherwise."
     )
     data.add_argument("--cache_dir", default=None)
+    data.add_argument(
+        "--precompute_prompt_embeddings",
+        action="store_true",
+        help="Encode every prompt once before training (--output_dir/prompt_embeddings.safetensors, reused on resume) "
+        "and keep the text encoders on the CPU while training (e.g. SD3's T5-XXL).",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="di-star-sdxl")
@@ -423,7 +435,19 @@ def load_vae(args) -> AutoencoderKL:
 
 def build_pipeline(args, generator_unet, family, vae):
     """The family's one-step pipeline (e.g. ``DIStarSDXLPipeline``) around the generator."""
+    if args.precompute_prompt_embeddings:  # the text encoders waited on the CPU
+        family.to(generator_unet.device)
     return family.build_pipeline(generator_unet, vae, args.conditioning_timestep)
+
+
+def precompute_prompt_embeddings(args, family, prompts) -> PromptEmbeddingCache:
+    """Every prompt's conditioning, encoded once (or read back on resume); the text encoders then go to the CPU."""
+    path = os.path.join(args.output_dir, "prompt_embeddings.safetensors")
+    model = resume_settings(args)["pretrained_model_name_or_path"]
+    cache = PromptEmbeddingCache.load_or_build(path, family, prompts, args.resolution, model)
+    family.to("cpu")
+    logger.info(f"prompt embeddings of {len(cache.index)} prompts in {path}; text encoders on the CPU")
+    return cache
 
 
 def validate(args, pipeline, folder: str, weight_dtype: torch.dtype = torch.float32) -> list[str]:
@@ -561,6 +585,10 @@ def main(args: argparse.Namespace) -> int:
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     family.to(accelerator.device, dtype=dtypes.weight)
+    prompt_encoder = family
+    if args.precompute_prompt_embeddings:
+        prompt_encoder = local_main_first(accelerator, lambda: precompute_prompt_embeddings(args, family, prompts))
+        prompt_encoder.to(accelerator.device)
     if reward_model is not None:
         reward_model.to(accelerator.device)
     for unet in {id(u): u for u in (networks.bare_unet(r) for r in ROLES)}.values():
@@ -629,7 +657,7 @@ def main(args: argparse.Namespace) -> int:
         for micro in range(args.gradient_accumulation_steps):
             index = step * args.gradient_accumulation_steps + micro
             batch = prompt_batch(prompts, index, args.train_batch_size, args.seed, accelerator.process_index, world)
-            yield batch, family.encode(batch, args.resolution)
+            yield batch, prompt_encoder.encode(batch, args.resolution)
 
     progress = tqdm(
         range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process, desc="DI*"
@@ -695,6 +723,8 @@ def main(args: argparse.Namespace) -> int:
                     args, pipeline, os.path.join(args.output_dir, "validation", f"step-{global_step}"), dtypes.weight
                 )
                 log_validation_images(accelerator.trackers, paths, args.validation_prompts, global_step)
+                if args.precompute_prompt_embeddings:
+                    family.to("cpu")
     progress.close()
     stop.restore()
     if global_step < args.max_train_steps:  # stopped by a SIGTERM on some rank: every rank is here

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import test_training_script as trainer_tests
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from test_losses import (
@@ -20,15 +21,7 @@ from test_losses import (
     _mc_z_scores,
     _per_sample_params,
 )
-from test_training_script import (  # noqa: F401 (script, prompt_file and the autouse fixture are fixtures)
-    LORA,
-    lora_tensors,
-    one_thread_and_stub_reward,
-    prompt_file,
-    run,
-    script,
-    train_args,
-)
+from test_training_script import LORA, lora_tensors, run, train_args
 
 from diffusers_di_star import DIStarSD3Pipeline
 from diffusers_di_star.families import SD3Family, detect_family
@@ -36,15 +29,24 @@ from diffusers_di_star.families.sd3 import check_sigma_star, shift_sigmas
 from diffusers_di_star.losses import score_distance, score_divergence_loss, time_weighting
 from diffusers_di_star.one_step import FlowSchedule, diffuse, output_to_eps
 from diffusers_di_star.testing import TINY_PROMPTS, get_tiny_sd3_components, save_tiny_sd3_pipeline
-from diffusers_di_star.training import DIStarConfig
+from diffusers_di_star.training import DIStarConfig, generator_loss
 
 PROMPTS = list(TINY_PROMPTS[:2])
+# The trainer tests' fixtures: the example script, a prompt file, one thread and a stub reward for every test.
+script, prompt_file, one_thread_and_stub_reward = (
+    trainer_tests.script,
+    trainer_tests.prompt_file,
+    trainer_tests.one_thread_and_stub_reward,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd3")
-    return {"t5": save_tiny_sd3_pipeline(folder / "t5"), "no-t5": save_tiny_sd3_pipeline(folder / "no-t5", with_t5=False)}
+    return {
+        "t5": save_tiny_sd3_pipeline(folder / "t5"),
+        "no-t5": save_tiny_sd3_pipeline(folder / "no-t5", with_t5=False),
+    }
 
 
 def _family(components) -> SD3Family:
@@ -182,14 +184,22 @@ def test_theorem_3_1_for_a_flow_model():
 # ---- the trainer on the tiny SD3 ----------------------------------------------------------------------------------
 
 
-def test_lora_run_resumes_exactly_and_loads_in_both_pipelines(script, tiny_sd3, prompt_file, tmp_path):
+def test_lora_run_resumes_exactly_with_precomputed_prompts_and_loads_in_both_pipelines(
+    script, tiny_sd3, prompt_file, tmp_path, monkeypatch
+):
     model, common = tiny_sd3["t5"], [*LORA, "--generator_lora_target_modules", "attn.to_q,attn.add_q_proj"]
-    common += ["--assistant_lora_target_modules", "to_q,to_k,to_v,to_out.0"]
+    common += ["--assistant_lora_target_modules", "to_q,to_k,to_v,to_out.0", "--precompute_prompt_embeddings"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(script, *train_args(model, prompt_file, straight, *common, "--max_train_steps", "3")) == 0
+    # Both runs precompute their prompt embeddings; the resumed one reads the interrupted one's back (file untouched).
     assert run(script, *train_args(model, prompt_file, resumed, *common, "--checkpointing_steps", "1")) == 0
+    mtime = (resumed / "prompt_embeddings.safetensors").stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(script, "generator_loss", lambda *a, **k: calls.append(1) or generator_loss(*a, **k))
     resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
     assert run(script, *train_args(model, prompt_file, resumed, *common, *resume)) == 0
+    assert (resumed / "prompt_embeddings.safetensors").stat().st_mtime_ns == mtime
+    assert len(calls) == 1  # only step 3 ran: steps 1 and 2 came from the checkpoint
     expected, actual = lora_tensors(straight), lora_tensors(resumed)
     assert expected.keys() == actual.keys() and all(k.startswith("transformer.") for k in expected)
     assert any("add_q_proj" in k for k in expected)
@@ -206,17 +216,37 @@ def test_lora_run_resumes_exactly_and_loads_in_both_pipelines(script, tiny_sd3, 
     np.testing.assert_allclose(after, _images(plain, num_inference_steps=1, guidance_scale=0), atol=1e-5)
 
 
-def test_full_run_without_t5_writes_an_sd3_pipeline(script, tiny_sd3, prompt_file, tmp_path):
-    model = tiny_sd3["no-t5"]
-    extra = ["--validation_prompts", "a cat", "--cfg_mode", "reward", "--divergence", "kl"]
-    assert run(script, *train_args(model, prompt_file, tmp_path, *extra)) == 0
-    assert (tmp_path / "images" / "000.png").is_file()
-    pipe = DIStarSD3Pipeline.from_pretrained(tmp_path)
+def test_full_bf16_run_without_t5_writes_an_sd3_pipeline_and_resumes_exactly(
+    script, tiny_sd3, prompt_file, tmp_path, monkeypatch
+):
+    model, straight, resumed = tiny_sd3["no-t5"], tmp_path / "straight", tmp_path / "resumed"
+    extra = ["--cfg_mode", "reward", "--divergence", "kl", "--mixed_precision", "bf16"]
+    assert run(script, *train_args(model, prompt_file, straight, *extra, "--validation_prompts", "a cat")) == 0
+    assert (straight / "images" / "000.png").is_file()
+    card = (straight / "README.md").read_text()
+    assert "`StableDiffusion3Pipeline` with `num_inference_steps=1` and `guidance_scale=0`" in card
+    assert "LCMScheduler" not in card and "- sd3" in card
+    pipe = DIStarSD3Pipeline.from_pretrained(straight)
     assert pipe.conditioning_timestep == 1.0 and pipe.text_encoder_3 is None
     ours = _images(pipe)
     assert np.abs(ours - _images(DIStarSD3Pipeline.from_pretrained(model))).max() > 1e-3
-    plain = StableDiffusion3Pipeline.from_pretrained(tmp_path, text_encoder_3=None, tokenizer_3=None)
+    # (the bf16 run saved its frozen text encoders in bf16: load every component in float32, as ours does)
+    plain = StableDiffusion3Pipeline.from_pretrained(
+        straight, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
     np.testing.assert_allclose(ours, _images(plain, num_inference_steps=1, guidance_scale=0), atol=1e-5)
+
+    # Stopped after step 1 and resumed: the same transformer as the straight two steps, bit for bit.
+    assert run(script, *train_args(model, prompt_file, resumed, *extra, "--max_train_steps", "1")) == 0
+    calls = []
+    monkeypatch.setattr(script, "generator_loss", lambda *a, **k: calls.append(1) or generator_loss(*a, **k))
+    resume = ["--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+    assert run(script, *train_args(model, prompt_file, resumed, *extra, *resume)) == 0
+    assert len(calls) == 1  # only step 2 ran: the weights of step 1 came from the checkpoint
+    expected = DIStarSD3Pipeline.from_pretrained(straight).transformer.state_dict()
+    actual = DIStarSD3Pipeline.from_pretrained(resumed).transformer.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=0)
 
 
 def test_an_sdxl_timestep_on_a_flow_model_is_one_line(script, tiny_sd3, prompt_file, tmp_path, capsys):

@@ -116,9 +116,9 @@ from diffusers_di_star import {pipeline}
 {usage}image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 ```
 
-Plain diffusers works too: `{base_pipeline}` with `LCMScheduler`, `timesteps=[{
-        h.get("conditioning_timestep", 399)
-    }]` and `guidance_scale=0`{", after `load_lora_weights`" if lora else ""}.
+Plain diffusers works too: `{base_pipeline}` with {
+        family.diffusers_one_step_settings(h.get("conditioning_timestep", family.default_conditioning_timestep))
+    }{", after `load_lora_weights`" if lora else ""}.
 
 ## Licence
 

@@ -108,7 +108,7 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def to_json_string(self) -> str:
-        """`model_index.json` with `_class_name` `StableDiffusion3Pipeline`: a saved folder is a standard SD3 folder."""
+        """`model_index.json` with `_class_name` `StableDiffusion3Pipeline`: a saved folder is a plain SD3 folder."""
         model_index = json.loads(super().to_json_string())
         model_index["_class_name"] = StableDiffusion3Pipeline.__name__
         return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
@@ -147,8 +147,8 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
             check_sigma_star(conditioning_timestep)
         if self.max_image_pixels is not None and height * width > self.max_image_pixels:
             raise ValueError(
-                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a smaller "
-                "size, or raise the limit (None lifts it)."
+                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a "
+                "smaller size, or raise the limit (None lifts it)."
             )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
@@ -284,13 +284,16 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
             latents,
         )
 
-        # 4. The one step: x0 = z − σ*·v_θ(z, σ*, c)
+        # 4. The one step: x0 = z − σ*·v_θ(z, σ*, c), in the transformer's dtype (a trainer's generator may be
+        # float32 next to bfloat16 text encoders)
+        dtype = self.transformer.dtype
+
         def velocity(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             return self.transformer(
-                hidden_states=x,
+                hidden_states=x.to(dtype),
                 timestep=schedule.network_timestep(sigmas),
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled_prompt_embeds,
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled_prompt_embeds.to(dtype),
                 joint_attention_kwargs=joint_attention_kwargs,
                 return_dict=False,
             )[0]
@@ -299,7 +302,11 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
         latents = one_step_x0(velocity, latents, sigma_star, schedule).to(prompt_embeds.dtype)
 
         if callback_on_step_end is not None:
-            tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+            tensors = {
+                "latents": latents,
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+            }
             tensors = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
             callback_outputs = callback_on_step_end(self, 0, sigma_star, tensors) or {}
             latents = callback_outputs.pop("latents", latents)

@@ -183,6 +183,11 @@ class ModelFamily:
         return conditioning_timestep
 
     @classmethod
+    def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
+        """How diffusers' own pipeline gives the same one step (for model cards): VP, LCM at t*, no guidance."""
+        return f"`LCMScheduler`, `timesteps=[{conditioning_timestep}]` and `guidance_scale=0`"
+
+    @classmethod
     def load_network_config(cls, name: str, revision: str | None = None) -> dict:
         """The network's config (a few kB), e.g. to check LoRA targets on the meta device."""
         return dict(cls.network_class().load_config(name, subfolder=cls.network_subfolder, revision=revision))

@@ -60,7 +60,7 @@ def check_sigma_star(sigma_star) -> float:
 
 
 def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """σ = shift·u / (1 + (shift − 1)·u), the map of diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1: σ = u)."""
+    """σ = shift·u / (1 + (shift − 1)·u), as diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1: σ = u)."""
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -151,6 +151,9 @@ class SD3Family(ModelFamily):
 
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    display_name = "SD3 / SD3.5"
+    hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
+    license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
     network_subfolder = "transformer"
     latent_channels = 16
     default_conditioning_timestep = DEFAULT_SIGMA_STAR
@@ -198,9 +201,12 @@ class SD3Family(ModelFamily):
         kwargs = {"revision": revision, "variant": variant}
         with_t5 = any(read_model_index(name, revision).get("text_encoder_3") or ())
         suffixes = ("", "_2", "_3") if with_t5 else ("", "_2")
-        tokenizers = [AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in suffixes]
+        tokenizers = [
+            AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in suffixes
+        ]
         text_encoders = [
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder=f"text_encoder{s}", **kwargs) for s in ("", "_2")
+            CLIPTextModelWithProjection.from_pretrained(name, subfolder=f"text_encoder{s}", **kwargs)
+            for s in ("", "_2")
         ]
         if with_t5:
             text_encoders.append(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **kwargs))
@@ -234,6 +240,13 @@ class SD3Family(ModelFamily):
     def check_conditioning_timestep(cls, conditioning_timestep) -> float:
         return check_sigma_star(conditioning_timestep)
 
+    @classmethod
+    def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
+        """At σ* = 1 diffusers' one Euler step; otherwise ``sigmas=[σ*]`` with the shift switched off."""
+        if conditioning_timestep == 1:
+            return "`num_inference_steps=1` and `guidance_scale=0`"
+        return f"`sigmas=[{conditioning_timestep}]` on an unshifted scheduler (`shift=1.0`) and `guidance_scale=0`"
+
     def encode(self, prompts: Sequence[str], resolution: int) -> SD3Conditioning:
         return encode_sd3_prompts(
             prompts, self.tokenizers, self.text_encoders, self.joint_attention_dim, self.max_sequence_length
@@ -247,7 +260,7 @@ class SD3Family(ModelFamily):
         return shift_sigmas(u, self.shift)
 
     def denoise(self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning):
-        """The transformer's velocity at (x_t, σ·1000, c); its forward takes the text before the timestep, so by name."""
+        """The transformer's velocity at (x_t, σ·1000, c), called by name (its forward takes the text first)."""
         return network(
             hidden_states=x_t.to(cond.dtype),
             timestep=self.schedule.network_timestep(timesteps),
