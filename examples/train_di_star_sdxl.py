@@ -160,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         lora.add_argument(
             f"--{role}_lora_target_modules",
             default=None,
-            help=f"Comma separated, matched as peft does. Default: {','.join(DEFAULT_LORA_TARGET_MODULES)}.",
+            help="Comma separated, matched as peft does. Default: the model family's (SD/SDXL: "
+            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out).",
         )
 
     di_star = parser.add_argument_group("DI* objective")
@@ -291,8 +292,6 @@ def check_args(args: argparse.Namespace) -> None:
         rank = getattr(args, f"{role}_lora_rank") or args.rank or LORA_RANK_DEFAULT
         setattr(args, f"{role}_lora_rank", rank)
         setattr(args, f"{role}_lora_alpha", getattr(args, f"{role}_lora_alpha") or float(rank))
-        modules = getattr(args, f"{role}_lora_target_modules") or ",".join(DEFAULT_LORA_TARGET_MODULES)
-        setattr(args, f"{role}_lora_target_modules", modules)
     args.validation_prompts = [*(args.validation_prompts or ()), *(args.validation_prompt or ())] or None
     args.reward_options = parse_reward_options(args.reward_option)
     if problem := reward_option_problem(args.reward_options, "--reward_option"):
@@ -341,11 +340,12 @@ def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_proc
 
 def make_config(args: argparse.Namespace) -> DIStarConfig:
     lora = {f"{r}_lora_{key}": getattr(args, f"{r}_lora_{key}") for r in ROLE_DIRS for key in ("rank", "alpha")}
+    # Target modules: as given, else the family's (resolve_family_defaults), else DIStarConfig's until it has run.
     modules = {
-        f"{role}_lora_target_modules": [m.strip() for m in getattr(args, f"{role}_lora_target_modules").split(",")]
-        for role in ROLE_DIRS
+        name: [m.strip() for m in getattr(args, name).split(",") if m.strip()]
+        for name in (f"{role}_lora_target_modules" for role in ROLE_DIRS)
+        if getattr(args, name) is not None
     }
-    modules = {name: [m for m in value if m] for name, value in modules.items()}
     return DIStarConfig(
         **{name: getattr(args, name) for name in CONFIG_FLAGS},
         conditioning_timestep=(
@@ -370,19 +370,25 @@ def load_reward(spec: str, **options):
         raise ValueError(reward_load_failure(spec, options, error, "--reward_option")) from error
 
 
-def resolve_conditioning_timestep(args: argparse.Namespace):
-    """Set ``args.conditioning_timestep`` to the family's default t* when not given, check it; return the family."""
+def resolve_family_defaults(args: argparse.Namespace):
+    """The model family's defaults for what was not given (t*, LoRA target modules), t* checked; returns the family.
+
+    Reads only the model's ``model_index.json``: resuming compares these settings before anything loads.
+    """
     family_class = detect_model_family(args.pretrained_model_name_or_path, revision=args.revision)
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family_class.default_conditioning_timestep
     args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
+    for role in ("generator", "assistant"):
+        if getattr(args, f"{role}_lora_target_modules") is None:
+            setattr(args, f"{role}_lora_target_modules", ",".join(family_class.lora_target_modules))
     return family_class
 
 
 def check_models(args: argparse.Namespace):
     """The reference model's family (from its ``model_index.json``); it is reachable and the LoRA targets exist in its
     network (from its config, no weights)."""
-    family_class = resolve_conditioning_timestep(args)
+    family_class = resolve_family_defaults(args)
     config = load_network_config(family_class, args.pretrained_model_name_or_path, revision=args.revision)
     for flag in ("pretrained_vae_model_name_or_path", "pretrained_generator"):
         name = getattr(args, flag)
@@ -534,7 +540,7 @@ def main(args: argparse.Namespace) -> int:
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
     if args.resume_from_checkpoint is not None:
-        resolve_conditioning_timestep(args)  # the family's default t* (model_index.json only): resuming compares it
+        resolve_family_defaults(args)  # t* and LoRA targets (model_index.json only): resuming compares them
     resume = resolve_resume(
         accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
     )

@@ -254,3 +254,21 @@ def test_an_sdxl_timestep_on_a_flow_model_is_one_line(script, tiny_sd3, prompt_f
     assert script.cli(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the prompt file's progress bar)
     assert error.startswith("train_di_star_sdxl.py: error:") and "σ* in (0, 1]" in error and "399" in error
+
+
+def test_lora_targets_default_to_the_familys(script, tiny_sd3, tiny_sdxl_dir, prompt_file, tmp_path):
+    """SD3 adapts both streams by default (diffusers' SD3 LoRA set), SDXL its attention; a given list wins."""
+    from diffusers_di_star.families.sd3 import SD3_LORA_TARGET_MODULES
+    from diffusers_di_star.training import DEFAULT_LORA_TARGET_MODULES
+
+    for model, expected in ((tiny_sd3["t5"], SD3_LORA_TARGET_MODULES), (tiny_sdxl_dir, DEFAULT_LORA_TARGET_MODULES)):
+        args = script.parse_args(train_args(model, prompt_file, tmp_path, *LORA))
+        script.check_args(args)
+        script.resolve_family_defaults(args)
+        assert args.generator_lora_target_modules == args.assistant_lora_target_modules == ",".join(expected)
+    args = script.parse_args(
+        train_args(tiny_sd3["t5"], prompt_file, tmp_path, *LORA, "--generator_lora_target_modules", "to_q")
+    )
+    script.check_args(args)
+    script.resolve_family_defaults(args)
+    assert args.generator_lora_target_modules == "to_q"
