@@ -539,11 +539,12 @@ def main(args: argparse.Namespace) -> int:
     run_lock = on_main_process(accelerator, acquire_run_lock, args.output_dir)
     if args.overwrite_output_dir:
         on_main_process(accelerator, clear_previous_run, args.output_dir, args.logging_dir)
+    resume = None
     if args.resume_from_checkpoint is not None:
         resolve_family_defaults(args)  # t* and LoRA targets (model_index.json only): resuming compares them
-    resume = resolve_resume(
-        accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
-    )
+        resume = resolve_resume(
+            accelerator, args.output_dir, args.resume_from_checkpoint, resume_settings(args), args.allow_model_change
+        )
     if args.push_to_hub:
         args.hub_model_id = on_main_process(accelerator, create_hub_repo, hub_repo_id(args), args.hub_token)
     logger.info(accelerator.state, main_process_only=False)  # after the refusals above: they stay one line
