@@ -55,13 +55,18 @@ class ShardedEMA:
         self.ema.copy_to(_local(self.parameters))
 
     def state_dict(self, keep: bool = True) -> dict | None:
-        """``EMAModel.state_dict`` with full CPU tensors; all ranks call it, those with ``keep=False`` get ``None``."""
-        shadow = [s.full_tensor() if isinstance(s, DTensor) else s for s in self.shadow_params]
+        """``EMAModel.state_dict`` with full CPU tensors; all ranks call it, those with ``keep=False`` get ``None``.
+
+        One tensor is gathered at a time (a full copy on the device only while it moves to the CPU).
+        """
+        shadow = []
+        for s in self.shadow_params:
+            full = s.full_tensor() if isinstance(s, DTensor) else s
+            if keep:
+                shadow.append(full.detach().cpu())
         if not keep:
             return None
-        state = self.ema.state_dict()
-        state["shadow_params"] = [s.detach().cpu() for s in shadow]
-        return state
+        return {**self.ema.state_dict(), "shadow_params": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`: full tensors in, each rank keeps its shard (no communication)."""
