@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from test_training_script import LORA, one_thread_and_stub_reward, prompt_file, run, script, train_args  # noqa: F401
+from test_training_script import LORA, load_script, run, train_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from training_helpers import PROMPTS, RESOLUTION, PatternReward, tiny_conditioning
 
+from diffusers_di_star.testing import TINY_PROMPTS
 from diffusers_di_star.training import DIStarConfig, assistant_loss, generator_loss, setup_networks
 from diffusers_di_star.training.throughput import FlopCounter, iteration_flops, peak_flops
 
@@ -39,12 +40,19 @@ def test_no_mfu_without_a_known_gpu():
     assert peak_flops(torch.device("cpu"), "bf16") is None
 
 
-def test_images_per_second_is_logged_every_step(script, tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch):
+def test_images_per_second_is_logged_every_step(tiny_sdxl_dir, tmp_path, monkeypatch, one_thread):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    script = load_script()
+    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh `accelerate launch`
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
     logged = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kwargs: logged.append((step, values)))
-    assert run(script, *train_args(tiny_sdxl_dir, prompt_file, tmp_path, *LORA, "--max_train_steps", "3")) == 0
+    args = train_args(tiny_sdxl_dir, str(prompts), tmp_path / "out", *LORA, "--max_train_steps", "3")
+    assert run(script, *args) == 0
     assert [step for step, _ in logged] == [1, 2, 3]
     assert all(values["images_per_second"] > 0 for _, values in logged)
     assert not any("mfu" in values for _, values in logged)  # a CPU has no known peak
