@@ -1,4 +1,4 @@
-"""The generator's EMA (docs/training.md, "EMA of the generator"), kept where each rank's parameters live.
+"""The generator's EMA (docs/training.md, "LoRA and EMA under FSDP2"), kept where each rank's parameters live.
 
 Under FSDP2 a parameter is a DTensor sharded over the ranks; :class:`ShardedEMA` runs diffusers' ``EMAModel`` on each
 rank's local shard (the update ē ← ē − (1 − β)(ē − θ) is elementwise, so a step needs no communication — NVIDIA
@@ -27,9 +27,9 @@ def _local(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
 class ShardedEMA:
     """An exponential moving average of ``parameters`` (plain tensors or FSDP2 DTensors), shard by shard.
 
-    The decay schedule is ``EMAModel``'s (``decay`` caps ``(1 + k) / (10 + k)`` at optimisation step k). Every rank
-    must call :meth:`state_dict` (it gathers the shards); :meth:`load_state_dict` takes full tensors and keeps this
-    rank's shard of each, so a checkpoint resumes on any number of processes.
+    The decay schedule is ``EMAModel``'s: β = min(k / (9 + k), ``decay``) at optimisation step k ≥ 2, 0 at k = 1.
+    Every rank must call :meth:`state_dict` (it gathers the shards); :meth:`load_state_dict` takes full tensors and
+    keeps this rank's shard of each, so a checkpoint resumes on any number of processes.
     """
 
     def __init__(self, parameters, decay: float):
