@@ -70,9 +70,9 @@ def iteration_flops(
     one = Conditioning(*(torch.empty((1, *t.shape[1:]), device=meta) for t in cond._tensors()))
     alphas_cumprod = alphas_cumprod.to(meta, torch.float32)
     no_reward = dataclasses.replace(config, reward_scale=0.0)  # the reward model is not counted; its decode is
-    with FlopCounter() as counter, sdpa_kernel(SDPBackend.MATH):
-        for _ in range(config.assistant_updates_per_step):
-            assistant_loss(copies, no_reward, one, alphas_cumprod)[0].backward()
+    with FlopCounter() as assistant_count, sdpa_kernel(SDPBackend.MATH):  # the K_TA assistant updates cost the same
+        assistant_loss(copies, no_reward, one, alphas_cumprod)[0].backward()
+    with FlopCounter() as generator_count, sdpa_kernel(SDPBackend.MATH):
         generator_loss(copies, no_reward, one, [""], alphas_cumprod)[0].backward()
         if config.reward_scale > 0:
             with meta:
@@ -80,7 +80,7 @@ def iteration_flops(
             size = config.resolution // VAE_SCALE_FACTOR
             x0 = torch.empty(1, decoder.config.latent_channels, size, size, device=meta, requires_grad=True)
             decode_latents(decoder, x0).sum().backward()
-    return counter.get_total_flops()
+    return config.assistant_updates_per_step * assistant_count.get_total_flops() + generator_count.get_total_flops()
 
 
 class FlopCounter(FlopCounterMode):
