@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 # First: importing the package installs its log filters (quiet.py) before diffusers imports transformers.
 import diffusers_di_star  # noqa: F401
@@ -84,6 +85,7 @@ from diffusers_di_star.training.prompt_cache import PromptEmbeddingCache
 from diffusers_di_star.training.resume import check_step_bound, resume_settings
 from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
 from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
+from diffusers_di_star.training.throughput import iteration_flops, peak_flops
 
 logger = get_logger(__name__)
 
@@ -671,10 +673,19 @@ def main(args: argparse.Namespace) -> int:
     )
     skipped = 0
     gas = args.gradient_accumulation_steps
+    # Throughput (docs/training.md, "Throughput"): images/s always; MFU on a GPU whose peak is known, from the model
+    # FLOPs of one iteration counted on the meta device.
+    images_per_step = args.train_batch_size * gas * world
+    peak = peak_flops(accelerator.device, accelerator.mixed_precision)
+    flops_per_image = None
+    if peak is not None and accelerator.is_main_process and family.name == "sdxl":  # counted for SDXL's layout
+        cond = next(conditioning_batches(global_step))[1]
+        flops_per_image = iteration_flops(networks, config, cond, family.schedule.alphas_cumprod, vae)
     stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
         if stop.agreed(accelerator):
             break
+        step_start = time.perf_counter()
         batches = list(conditioning_batches(global_step))
         # Noise and timesteps from a pure function of (seed, step, process): a resumed run draws the same ones.
         rng = torch.Generator(accelerator.device).manual_seed(
@@ -712,6 +723,10 @@ def main(args: argparse.Namespace) -> int:
             ema.step()
         global_step += 1
         progress.update(1)
+        seconds = time.perf_counter() - step_start
+        logs["images_per_second"] = images_per_step / seconds
+        if flops_per_image is not None:
+            logs["mfu"] = flops_per_image * images_per_step / (seconds * peak * world)
         logs.update(
             generator_grad_norm=float(norm),
             lr=optimisation["generator"].lr_scheduler.get_last_lr()[0],

@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, os.pardir)
 SCRIPT = os.path.join(ROOT, "examples", "train_di_star_sdxl.py")
 FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.yaml")
+FSDP1_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp1_8gpu.yaml")
 
 # Runs the example (stub reward) once per entry of the JSON list in DI_STAR_TEST_RUNS, in one process group:
 # {"name", "args", "refused", "status", "sigterm"}. A run with "refused" must fail with a ValueError, whose message is
@@ -37,7 +38,7 @@ FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.ya
 # (unsharded engines) and each export it made.
 LAUNCHER = textwrap.dedent(
     """
-    import importlib.util, json, os, signal, sys
+    import glob, importlib.util, json, os, signal, sys
     import torch
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -56,6 +57,8 @@ LAUNCHER = textwrap.dedent(
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.load_reward = lambda spec: PatternReward().freeze()
+    from diffusers_di_star.training import checkpointing
+    checkpointing.VISIBILITY_TIMEOUT = 1.0  # one machine: a file one rank wrote is visible to the others at once
     rank = int(os.environ["RANK"])  # (a PartialState made here would miss ACCELERATE_USE_CPU)
     captured, setup, prepare, export = {{}}, script.setup_networks, script.prepare_networks, script.export
 
@@ -95,7 +98,12 @@ LAUNCHER = textwrap.dedent(
         AcceleratorState._reset_state(reset_partial_state=True)  # each run as a fresh launch
         probe = captured["probe"] = os.path.join({probe!r}, run["name"])
         os.makedirs(probe, exist_ok=True)
-        args = script.parse_args(sys.argv[1:] + run["args"])
+        if run.get("damage") and rank == 0:
+            for path in glob.glob(run["damage"]):
+                with open(path, "r+b") as f:
+                    f.seek(os.path.getsize(path) // 2)
+                    f.write(bytes(64))
+        args = script.parse_args(sys.argv[1:] + run["args"] + run.get("rank_args", {{}}).get(str(rank), []))
         if run.get("refused"):
             try:
                 script.main(args)
@@ -117,8 +125,12 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-def launch(tmp_path, tiny_sdxl_dir, runs, fsdp=False):
-    """The ``runs`` ({"name", "args", "refused"}) in one 2-process launch; returns the probe folder (outputs in it)."""
+def launch(tmp_path, tiny_sdxl_dir, runs, fsdp=False, config=FSDP_CONFIG, num_processes=2):
+    """The ``runs`` in one launch (2 processes; FSDP through ``config``); returns the probe folder (outputs in it).
+
+    A run is {"name", "args", "refused", "rank_args": {rank: extra args}, "damage": glob}; "damage" overwrites the
+    middle of the files it matches (sizes kept) before the run.
+    """
     probe = tmp_path / "probe"
     probe.mkdir()
     prompts = tmp_path / "prompts.txt"
@@ -127,7 +139,7 @@ def launch(tmp_path, tiny_sdxl_dir, runs, fsdp=False):
     launcher.write_text(LAUNCHER.format(tests=HERE, script=SCRIPT, probe=str(probe)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DI_STAR_TEST_RUNS": json.dumps(runs)}
     if fsdp:
-        engine = ["--config_file", FSDP_CONFIG]
+        engine = ["--config_file", config]
         env.pop("ACCELERATE_USE_CPU", None)
         env.update(DI_STAR_TEST_FSDP_ON_CPU="1", ACCELERATE_TORCH_DEVICE="cpu")
     else:
@@ -135,11 +147,12 @@ def launch(tmp_path, tiny_sdxl_dir, runs, fsdp=False):
         engine = ["--multi_gpu", "--dynamo_backend", "no"]
         env["ACCELERATE_USE_CPU"] = "1"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(num_processes),
+        "--num_machines", "1",
         "--mixed_precision", "no", str(launcher), "--pretrained_model_name_or_path", tiny_sdxl_dir,
         "--train_data_file", str(prompts), "--resolution", "64", "--train_batch_size", "1", "--report_to", "none",
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return probe
 
@@ -177,10 +190,48 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
                                       "--validation_prompts", "a cat", "--validation_steps", "1"]},
             {"name": "resumed", "args": [*FULL, "--output_dir", str(fsdp / "resumed"),
                                          "--resume_from_checkpoint", str(fsdp / "full" / "checkpoint-1")]},
+            # checkpoint-2 passes the size check but its sharded model's metadata is damaged.
+            {"name": "damaged", "refused": True,
+             "damage": str(fsdp / "full" / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata"),
+             "args": [*FULL, "--max_train_steps", "3", "--output_dir", str(fsdp / "full"),
+                      "--resume_from_checkpoint", "latest"]},
+            # Two "nodes" whose --output_dir are different folders (storage not shared).
+            {"name": "not-shared", "refused": True, "rank_args": {"1": ["--output_dir", str(fsdp / "node1")]},
+             "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(fsdp / "node0")]},
         ],
         fsdp=True,
     )  # fmt: skip
     return {"ddp": (ddp, ddp_probe), "fsdp": (fsdp, fsdp_probe)}
+
+
+@pytest.fixture(scope="module")
+def other_launches(runs, tiny_sdxl_dir, tmp_path_factory):
+    """FSDP1 through the shipped config (full; resumed from checkpoint-1), and FSDP2's 2-process checkpoint-1
+    resumed on one process (model and optimiser states loaded; nothing left to train)."""
+    fsdp1, single = tmp_path_factory.mktemp("fsdp1"), tmp_path_factory.mktemp("one-process")
+    checkpoint = str(runs["fsdp"][0] / "full" / "checkpoint-1")
+    fsdp1_probe = launch(
+        fsdp1,
+        tiny_sdxl_dir,
+        [
+            {"name": "full", "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(fsdp1 / "full")]},
+            {"name": "resumed", "args": [*FULL, "--output_dir", str(fsdp1 / "resumed"),
+                                         "--resume_from_checkpoint", str(fsdp1 / "full" / "checkpoint-1")]},
+        ],
+        fsdp=True,
+        config=FSDP1_CONFIG,
+    )  # fmt: skip
+    launch(
+        single,
+        tiny_sdxl_dir,
+        [
+            {"name": "loaded", "args": [*FULL, "--max_train_steps", "1", "--output_dir", str(single / "loaded"),
+                                        "--resume_from_checkpoint", checkpoint]},
+        ],
+        fsdp=True,
+        num_processes=1,
+    )  # fmt: skip
+    return {"fsdp1": (fsdp1, fsdp1_probe), "single": single}
 
 
 def test_two_cpu_processes_stay_in_sync(runs):
@@ -248,6 +299,49 @@ def test_lora_and_deepspeed_are_refused_with_one_line(runs):
     fsdp1.use_orig_params = True
     assert check_engine(DistributedType.FSDP, use_lora=False, use_ema=False, fsdp_plugin=fsdp1) is True
     assert check_engine(DistributedType.MULTI_GPU, use_lora=True, use_ema=True) is False
+
+
+def test_fsdp1_shards_matches_ddp_and_resumes_exactly(runs, other_launches):
+    (ddp_out, ddp_probe), (out, probe) = (runs["ddp"][0] / "full", runs["ddp"][1] / "full"), other_launches["fsdp1"]
+    # FSDP1 with use_orig_params: outside forward every parameter is a view of this rank's part of a flat shard.
+    ddp_size = json.loads((ddp_probe / "layout-rank0.json").read_text())["end"]["global"]
+    local = [json.loads((probe / "full" / f"layout-rank{r}.json").read_text())["end"]["local"] for r in (0, 1)]
+    assert sum(local) >= ddp_size and max(local) < 0.6 * ddp_size, "FSDP1 did not shard the networks"
+    for folder in ("unet", "checkpoint-2/generator", "checkpoint-2/assistant"):
+        expected, actual = unet_weights(ddp_out / folder), unet_weights(out / "full" / folder)
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    # The resumed run restores the AdamW moments too (accelerate alone drops them under FSDP1: training/engine.py).
+    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "resumed" / "unet")
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
+def test_damaged_sharded_checkpoint_is_one_line_naming_the_previous_one(runs):
+    fsdp, probe = runs["fsdp"]
+    for rank in (0, 1):
+        message = (probe / "damaged" / f"refused-rank{rank}.txt").read_text()
+        assert "\n" not in message
+        # torch's CheckpointException (a BaseException) carried the first rank's own error.
+        assert message.startswith(f"{fsdp / 'full' / 'checkpoint-2'} cannot be loaded (") and " on rank " in message
+        assert message.endswith(f"the previous intact checkpoint is checkpoint-1 (--resume_from_checkpoint "
+                                f"{fsdp / 'full' / 'checkpoint-1'})")  # fmt: skip
+
+
+def test_ranks_writing_to_different_folders_stop_at_the_first_save(runs):
+    fsdp, probe = runs["fsdp"]
+    for rank in (0, 1):
+        message = (probe / "not-shared" / f"refused-rank{rank}.txt").read_text()
+        assert message.startswith("rank 1 wrote ") and "of checkpoint-1.tmp where the main process does not" in message
+        assert "--output_dir must be one folder that every node shares" in message and "\n" not in message
+    assert os.listdir(fsdp / "node0") == ["checkpoint-1.tmp"], "marked complete without rank 1's files"
+
+
+def test_two_process_fsdp_checkpoint_resumes_on_one_process(runs, other_launches):
+    """torch.distributed.checkpoint reshards the 2-process model and optimiser states onto 1 process."""
+    checkpoint, single = runs["fsdp"][0] / "full" / "checkpoint-1", other_launches["single"]
+    expected, loaded = unet_weights(checkpoint / "generator"), unet_weights(single / "loaded" / "unet")
+    assert sorted(os.listdir(checkpoint / "optimizer_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
 
 def test_docs_memory_table_is_the_computed_one():

@@ -3,7 +3,8 @@
 FSDP2 keeps the generator's EMA as shards beside the parameters' (``training/ema.py``) and LoRA on separate units
 (the generator's adapter on its own copy of the base; the assistant's adapter and the reference on another): the
 EMA and the LoRA weights equal DDP's (three-in-one LoRA) up to float32 reduction order, a resumed run equals the
-uninterrupted one exactly, and FSDP1 refuses both in one line.
+uninterrupted one exactly, and FSDP1 refuses both in one line. On whole tensors (DDP, one GPU) the EMA is diffusers'
+``EMAModel``.
 """
 
 import json
@@ -13,10 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_training_distributed import FULL, LORA, launch, unet_weights
 
+from diffusers_di_star.training.ema import ShardedEMA
 from diffusers_di_star.training.engine import check_engine
 
 STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "1"]
@@ -132,3 +135,25 @@ def test_fsdp1_refuses_lora_and_ema_in_one_line():
         assert "\n" not in str(error.value)
     fsdp2 = SimpleNamespace(fsdp_version=2, use_orig_params=True)
     assert check_engine(DistributedType.FSDP, use_lora=True, use_ema=True, fsdp_plugin=fsdp2) is True
+
+
+def test_sharded_ema_on_whole_tensors_is_diffusers_ema():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5), requires_grad=False)]
+    ema, reference = ShardedEMA(params, decay=0.9), EMAModel(params, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.step()
+        reference.step(params)
+    for actual, expected in zip(ema.shadow_params, reference.shadow_params, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ema.shadow_params[0], params[0]) and torch.equal(ema.shadow_params[1], params[1])
+    assert ema.state_dict(keep=False) is None
+    restored = ShardedEMA(params, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.ema.optimization_step == 3 and restored.ema.decay == 0.9
+    assert all(torch.equal(a, b) for a, b in zip(restored.shadow_params, ema.shadow_params, strict=True))
+    restored.copy_to()
+    assert all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params, strict=True))

@@ -74,7 +74,7 @@ def schedule_coefficients(
     """
     precision = torch.float64 if like.dtype == torch.float64 else torch.float32
     acp = alphas_cumprod.to(device=like.device, dtype=precision)
-    t = torch.as_tensor(timesteps, device=like.device, dtype=torch.long)
+    t = torch.as_tensor(timesteps, device=like.device, dtype=torch.long).reshape(-1)  # 1-d: no .item() (meta)
     acp_t = acp[t].reshape(-1, *([1] * (like.ndim - 1)))
     return acp_t.sqrt().to(like.dtype), (1 - acp_t).sqrt().to(like.dtype)
 

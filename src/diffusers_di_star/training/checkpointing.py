@@ -3,7 +3,9 @@
 * A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed when complete (``os.replace``, atomic on one
   filesystem): a ``checkpoint-<step>`` folder is always complete. Older checkpoints beyond the total limit are removed
   only after the rename, so a save killed at any point leaves the previous checkpoint intact. A ``.tmp`` folder left
-  by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped.
+  by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped. The rename waits until the
+  main process sees every file that every rank wrote: ranks writing into different folders (non-shared storage
+  across nodes) stop the run at the first save with one :class:`CheckpointError`.
 * Each checkpoint holds :data:`MANIFEST_NAME`: its step, the trainer's settings (what a resume may change is decided
   by :data:`~.resume.RESUME_POLICY`: a refusal is one line naming the flag, the saved and the given value), every file
   with its size and the tensor shapes of its safetensors files (a hand-edited manifest is refused).
@@ -27,8 +29,11 @@ import os
 import pickle
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Mapping
+
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import DIStarError, first_line
 from .resume import check_manifest_contents, compare_settings, tensor_shapes
@@ -182,6 +187,7 @@ def save_checkpoint(
     # Every rank: a sharded EMA (training/ema.py) is gathered here; only the main process keeps it.
     ema_state = None if ema is None else ema.state_dict(keep=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    _check_every_rank_visible(accelerator, tmp)
     if accelerator.is_main_process:
         if ema_state is not None:
             save_ema(ema_state, tmp)
@@ -207,6 +213,44 @@ def save_checkpoint(
                 shutil.rmtree(os.path.join(output_dir, name))
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_every_rank_visible(accelerator, folder: str) -> None:
+    """Every file any rank wrote into ``folder`` is visible to the main process, which marks the checkpoint complete.
+
+    Otherwise the ranks wrote into different folders (an ``--output_dir`` on each node's own disk): one
+    :class:`CheckpointError` on every rank, at the first save, instead of a checkpoint that misses shards. A network
+    filesystem may show another node's new files late, so the main process looks again for up to
+    :data:`VISIBILITY_TIMEOUT` seconds.
+    """
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    listings = gather_object([sorted(_file_sizes(folder)) if os.path.isdir(folder) else []])
+    on_main_process(accelerator, _wait_until_visible, folder, listings)
+
+
+#: Seconds the main process waits for the other ranks' checkpoint files to appear (see _check_every_rank_visible).
+VISIBILITY_TIMEOUT = 30.0
+
+
+def _wait_until_visible(folder: str, listings: list[list[str]]) -> None:
+    deadline, pause = time.monotonic() + VISIBILITY_TIMEOUT, 0.1
+    while True:
+        missing = [(rank, name) for rank, names in enumerate(listings) for name in names]
+        missing = [(rank, name) for rank, name in missing if not os.path.exists(os.path.join(folder, name))]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)
+    if missing:
+        rank, name = missing[0]
+        raise CheckpointError(
+            f"rank {rank} wrote {name} of {os.path.basename(folder)} where the main process does not see it "
+            f"({len(missing)} file(s) missing from {folder}): --output_dir must be one folder that every node shares "
+            "(e.g. a network filesystem); the checkpoint was not marked complete"
+        )
 
 
 def _read_manifest(checkpoint: str) -> dict:
@@ -351,11 +395,20 @@ def _probe(checkpoint: str, names=None) -> str | None:
     return None
 
 
+def _cause(error: BaseException) -> str:
+    """``Type: first line`` of ``error``; for a distributed-checkpoint error, of the first rank's own exception."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = min(error.failures.items())
+        return f"{type(error).__name__} on rank {rank}: {first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
     """``load_state(checkpoint)`` and the EMA after checking the files; returns the checkpoint's step.
 
-    A missing, truncated, unlisted or unreadable (e.g. code-carrying pickle) file raises :class:`CheckpointError`
-    naming the file and the previous intact checkpoint.
+    A missing, truncated, unlisted or unreadable (e.g. code-carrying pickle) file, or any error of ``load_state``
+    (torch's distributed-checkpoint ``CheckpointException`` included, a ``BaseException``), raises
+    :class:`CheckpointError` naming the file or the error and the previous intact checkpoint.
     """
     manifest = on_main_process(accelerator, _loadable_manifest, checkpoint)
     with _quiet_refusals():
@@ -365,9 +418,8 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
                 load_ema(ema, checkpoint)
         except CheckpointError:
             raise
-        except Exception as error:
-            reason = f"{checkpoint} cannot be loaded ({type(error).__name__}: {first_line(error)})"
-            reason = _probe(checkpoint) or reason
+        except (Exception, CheckpointException) as error:  # torch's distributed-checkpoint error: a BaseException
+            reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({_cause(error)})"
             raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
     return int(manifest["step"])
 

@@ -1,4 +1,4 @@
-"""The generator's EMA (docs/training.md, "EMA of the generator"), kept where each rank's parameters live.
+"""The generator's EMA (docs/training.md, "LoRA and EMA under FSDP2"), kept where each rank's parameters live.
 
 Under FSDP2 a parameter is a DTensor sharded over the ranks; :class:`ShardedEMA` runs diffusers' ``EMAModel`` on each
 rank's local shard (the update ē ← ē − (1 − β)(ē − θ) is elementwise, so a step needs no communication — NVIDIA
@@ -27,9 +27,9 @@ def _local(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
 class ShardedEMA:
     """An exponential moving average of ``parameters`` (plain tensors or FSDP2 DTensors), shard by shard.
 
-    The decay schedule is ``EMAModel``'s (``decay`` caps ``(1 + k) / (10 + k)`` at optimisation step k). Every rank
-    must call :meth:`state_dict` (it gathers the shards); :meth:`load_state_dict` takes full tensors and keeps this
-    rank's shard of each, so a checkpoint resumes on any number of processes.
+    The decay schedule is ``EMAModel``'s: β = min(k / (9 + k), ``decay``) at optimisation step k ≥ 2, 0 at k = 1.
+    Every rank must call :meth:`state_dict` (it gathers the shards); :meth:`load_state_dict` takes full tensors and
+    keeps this rank's shard of each, so a checkpoint resumes on any number of processes.
     """
 
     def __init__(self, parameters, decay: float):
@@ -55,13 +55,18 @@ class ShardedEMA:
         self.ema.copy_to(_local(self.parameters))
 
     def state_dict(self, keep: bool = True) -> dict | None:
-        """``EMAModel.state_dict`` with full CPU tensors; all ranks call it, those with ``keep=False`` get ``None``."""
-        shadow = [s.full_tensor() if isinstance(s, DTensor) else s for s in self.shadow_params]
+        """``EMAModel.state_dict`` with full CPU tensors; all ranks call it, those with ``keep=False`` get ``None``.
+
+        One tensor is gathered at a time (a full copy on the device only while it moves to the CPU).
+        """
+        shadow = []
+        for s in self.shadow_params:
+            full = s.full_tensor() if isinstance(s, DTensor) else s
+            if keep:
+                shadow.append(full.detach().cpu())
         if not keep:
             return None
-        state = self.ema.state_dict()
-        state["shadow_params"] = [s.detach().cpu() for s in shadow]
-        return state
+        return {**self.ema.state_dict(), "shadow_params": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`: full tensors in, each rank keeps its shard (no communication)."""

@@ -70,8 +70,9 @@ def check_engine(distributed_type: DistributedType, *, use_lora: bool, use_ema: 
     engine = engine_name(distributed_type, fsdp_plugin)
     if engine == "deepspeed":
         raise ValueError(
-            "DeepSpeed is not supported (accelerate runs one DeepSpeed engine per Accelerator; DI* optimises two "
-            f"networks): use FSDP for full finetuning ({FSDP_CONFIG}) or DDP for LoRA ({DDP_CONFIG})."
+            "DeepSpeed is not supported (accelerate's backward reaches only the first DeepSpeed engine, DI* trains "
+            "two networks, and DeepSpeed loads checkpoints with torch.load(weights_only=False)): use FSDP for full "
+            f"finetuning ({FSDP_CONFIG}) or DDP for LoRA ({DDP_CONFIG})."
         )
     sharded = engine in ("fsdp1", "fsdp2")
     if engine == "fsdp1" and (use_lora or use_ema):
