@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 
 import pytest
 from test_training_script import load_script
@@ -81,18 +82,8 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_is_one_line_and_nothing_is_half_written(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
-    import diffusers_di_star.export.files as files
-
-    out = tmp_path / "unet.safetensors"
-    monkeypatch.setattr(files, "save_file", enospc)
-    argv = ["export", "--model", tiny_sdxl_dir, "--format", "comfyui-unet", "--out", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err == f"di-star export: error: disk full at {tmp_path}: nothing was written ({str(out)!r} was not " \
-        "created); free space or pass another --out.\n"
-    assert os.listdir(tmp_path) == []
-
+def test_disk_full_in_generate_names_the_image(tmp_path, monkeypatch):
+    """(Export: test_export.py::test_failed_write_leaves_no_partial_file_and_keeps_the_old_one.)"""
     from PIL import Image
 
     import diffusers_di_star.cli as cli
@@ -188,3 +179,28 @@ def test_pipeline_refuses_float_sizes_nan_latents_and_huge_batches(tiny_componen
         pipe("a", height=64, width=64, latents=latents)
     with pytest.raises(ValueError, match=r"1,000,000,000 images in one call .* above the limit of 256"):
         pipe("a", height=64, width=64, num_images_per_prompt=10**9)
+
+
+def test_a_very_long_prompt_gets_one_short_truncation_notice(tiny_components):
+    import logging
+
+    import torch
+
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.quiet import TRUNCATION_LOGGER
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            notices.append(record.getMessage())
+
+    notices, handler = [], Collect()
+    logging.getLogger(TRUNCATION_LOGGER).addHandler(handler)  # after the logger's filters, as any handler
+    pipe = DIStarSDXLPipeline(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe(" ".join(["cat"] * 20_000), height=64, width=64, generator=torch.Generator().manual_seed(0))
+    finally:
+        logging.getLogger(TRUNCATION_LOGGER).removeHandler(handler)
+    assert len(notices) == 1 and len(notices[0]) < 300, notices  # (two text encoders, one notice)
+    head, _, shown = notices[0].partition(" tokens: ")
+    assert head.endswith("up to 77") and re.fullmatch(r"\['cat.{75}… \(\d{2,3},\d{3} characters in all\)", shown)

@@ -194,7 +194,7 @@ def test_callback_on_step_end(tiny_components):
         ({"output_type": "jpeg"}, "`output_type` must be one of"),
         ({"height": 0}, "`height` must be a positive multiple of the VAE factor 8, got 0"),
         ({"width": -64}, "`width` must be a positive multiple of the VAE factor 8, got -64"),
-        ({"height": 64.0}, "`height` must be a positive multiple of the VAE factor 8, got 64.0"),
+        ({"height": 64.0}, "`height` must be an integer number of pixels, got the float 64.0"),
         ({"height": 65536, "width": 65536}, "65536×65536 = 4,294,967,296 pixels is above the limit of 16,777,216"),
         ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "must be a subset of"),
     ],
