@@ -3,6 +3,7 @@
 import errno
 import os
 import re
+import warnings
 
 import pytest
 from test_training_script import load_script
@@ -204,3 +205,49 @@ def test_a_very_long_prompt_gets_one_short_truncation_notice(tiny_components):
     assert len(notices) == 1 and len(notices[0]) < 300, notices  # (two text encoders, one notice)
     head, _, shown = notices[0].partition(" tokens: ")
     assert head.endswith("up to 77") and re.fullmatch(r"\['cat.{75}… \(\d{2,3},\d{3} characters in all\)", shown)
+
+
+def test_pipeline_without_scheduler_lcm_unets_and_ip_adapter(tiny_components, tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from diffusers_di_star import DIStarSDXLPipeline
+
+    # scheduler=None builds (as plain SDXL does: diffusers' test_encode_prompt_works_in_isolation needs it), in the
+    # constructor and in from_pretrained; a call then says what is missing.
+    pipe = DIStarSDXLPipeline(**{**tiny_components, "scheduler": None})
+    assert pipe.scheduler is None and pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0].ndim == 3
+    with pytest.raises(ValueError, match=r"no scheduler \(scheduler=None\)"):
+        pipe("a cat", height=64, width=64)
+    DIStarSDXLPipeline(**tiny_components).save_pretrained(tmp_path)
+    assert DIStarSDXLPipeline.from_pretrained(tmp_path, scheduler=None).scheduler is None
+
+    with pytest.raises(NotImplementedError, match="does not support IP-Adapters"):
+        DIStarSDXLPipeline(**tiny_components).load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models")
+
+    # A UNet with time_cond_proj_dim (the LCM-distilled layout) gets the guidance embedding as SDXL + LCM gives it.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_components["unet"].config, time_cond_proj_dim=16)
+    assert unet.config.time_cond_proj_dim == 16
+    components = {**tiny_components, "unet": unet}
+    scheduler = LCMScheduler.from_config(components["scheduler"].config)
+    reference = StableDiffusionXLPipeline(**{**components, "scheduler": scheduler}, add_watermarker=False)
+    ours = DIStarSDXLPipeline(**components, add_watermarker=False)
+    for pipe in (reference, ours):
+        pipe.set_progress_bar_config(disable=True)
+    for guidance_scale in (0.0, 6.0):
+        call = {"height": 64, "width": 64, "output_type": "np", "guidance_scale": guidance_scale}
+        theirs = reference(["a cat"], num_inference_steps=1, timesteps=[399], generator=gen(), **call).images
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # guidance_scale is used, not "ignored", for this UNet
+            mine = ours(["a cat"], generator=gen(), **call).images
+        assert np.abs(mine - theirs).max() <= 1e-5, guidance_scale
+    # (and the embedding matters: the default w differs from the last one)
+    assert np.abs(ours(["a cat"], generator=gen(), height=64, width=64, output_type="np").images - theirs).max() > 1e-3
+
+
+def gen():
+    import torch
+
+    return torch.Generator().manual_seed(0)

@@ -95,6 +95,7 @@ def generate_x0(
     alphas_cumprod: torch.Tensor,
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     cross_attention_kwargs: dict | None = None,
+    timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The one-step map x0 = g_θ(z, c) = (z − σ_{t*}·ε̂_θ(z, t*, c)) / α_{t*} (docs/math.md §2).
 
@@ -106,6 +107,7 @@ def generate_x0(
         alphas_cumprod: ᾱ of the generator's training schedule (``scheduler.alphas_cumprod``).
         conditioning_timestep: t*, the timestep the generator is conditioned on.
         cross_attention_kwargs: forwarded to the UNet (e.g. ``{"scale": 0.8}`` for LoRA).
+        timestep_cond: the guidance embedding of a UNet with ``time_cond_proj_dim`` (LCM-distilled), else None.
 
     Gradients flow to the UNet's parameters and to every input; the caller chooses ``torch.no_grad`` or not.
     Equals diffusers' ``LCMScheduler`` step at ``timesteps=[t*]`` up to its boundary-condition term
@@ -118,6 +120,7 @@ def generate_x0(
         encoder_hidden_states=encoder_hidden_states,
         added_cond_kwargs=added_cond_kwargs,
         cross_attention_kwargs=cross_attention_kwargs,
+        timestep_cond=timestep_cond,
         return_dict=False,
     )[0]
     alpha_t, sigma_t = schedule_coefficients(alphas_cumprod, conditioning_timestep, eps_hat)
