@@ -540,7 +540,7 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         }
 
         # 5. The one step: x0 = g_θ(z, c); a UNet with `time_cond_proj_dim` (LCM-distilled) gets the embedding of
-        # w = guidance_scale − 1 as diffusers' SDXL pipeline gives it (guidance_scale 0, the one-step recipe, by default)
+        # w = guidance_scale − 1 as diffusers' SDXL pipeline gives it (default 0, the one-step recipe)
         timestep_cond = None
         if guided:
             w = torch.tensor((guidance_scale or 0.0) - 1).repeat(batch_size)
