@@ -251,3 +251,44 @@ def gen():
     import torch
 
     return torch.Generator().manual_seed(0)
+
+
+def test_a_trained_lora_run_folder_is_a_model(tiny_sdxl_dir, tmp_path, capsys):
+    """generate and export take a LoRA run folder: its LoRA on the base model named in its training_args.json."""
+    import json
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.export import load_generator_unet
+    from diffusers_di_star.runtime import load_pipeline
+
+    base = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    run = tmp_path / "run"
+    StableDiffusionXLPipeline.save_lora_weights(run, unet_lora_layers=get_peft_model_state_dict(base.unet))
+    (run / "training_args.json").write_text(json.dumps(
+        {"use_lora": True, "pretrained_model_name_or_path": tiny_sdxl_dir, "conditioning_timestep": 500}
+    ))  # fmt: skip
+    expected = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir, conditioning_timestep=500)
+    expected.load_lora_weights(str(run))
+    call = {"height": 64, "width": 64, "output_type": "np"}
+    pipe = load_pipeline(str(run), device="cpu")
+    assert pipe.conditioning_timestep == 500
+    images = [p("a cat", generator=torch.Generator().manual_seed(0), **call).images for p in (pipe, expected)]
+    np.testing.assert_array_equal(images[0], images[1])
+
+    out = tmp_path / "unet.safetensors"
+    assert main(["export", "--model", str(run), "--format", "comfyui-unet", "--dtype", "fp32", "--out", str(out)]) == 0
+    expected.fuse_lora()
+    expected.unload_lora_weights()  # (the fused weights stay)
+    fused = expected.unet.state_dict()
+    exported = load_generator_unet(str(out), base_model=tiny_sdxl_dir).state_dict()
+    assert max((exported[k] - v).abs().max().item() for k, v in fused.items()) < 1e-6
+    plain = load_file(os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    assert max((exported[k] - plain[k]).abs().max().item() for k in plain) > 1e-3  # the LoRA is in it
