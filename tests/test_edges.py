@@ -1,6 +1,7 @@
 """The roots of the edge cases (one error base, one source resolver, one set of DI* defaults) and the edges."""
 
 import errno
+import math
 import os
 import re
 import warnings
@@ -292,3 +293,39 @@ def test_a_trained_lora_run_folder_is_a_model(tiny_sdxl_dir, tmp_path, capsys):
     assert max((exported[k] - v).abs().max().item() for k, v in fused.items()) < 1e-6
     plain = load_file(os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert max((exported[k] - plain[k]).abs().max().item() for k in plain) > 1e-3  # the LoRA is in it
+
+
+def test_each_step_logs_every_loss_term_the_reward_and_both_grad_norms_and_lrs(
+    script, tiny_sdxl_dir, tmp_path, monkeypatch
+):
+    """docs/training.md's logging claim, on a recording tracker (accelerate's `log`), with every term switched on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from test_training_script import run, train_args
+    from training_helpers import PatternReward
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = train_args(tiny_sdxl_dir, str(prompts), tmp_path / "out", "--cfg_mode", "reward")
+    assert run(script, *args) == 0
+    assert [step for step, _ in logged] == [1, 2]
+    for _, values in logged:
+        assert set(values) == {
+            "assistant_loss", "generator_loss", "reward_loss", "divergence_loss", "cfg_reward_loss", "reward",
+            "assistant_grad_norm", "generator_grad_norm", "lr", "assistant_lr",
+        }  # fmt: skip
+        assert all(isinstance(value, float) and math.isfinite(value) for value in values.values()), values
+
+
+def test_without_tensorboard_the_run_stops_at_start(script, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(ValueError, match="--report_to tensorboard needs the tensorboard package"):
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o")])
