@@ -162,7 +162,7 @@ def test_benchmark_script_quick_produces_its_table(suite, tmp_path, monkeypatch,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        pytest.param(["--device", "cuda"], "sees no CUDA device", marks=NEEDS_NO_GPU),
+        pytest.param(["--device", "cuda"], "--device 'cuda': no cuda device is available here", marks=NEEDS_NO_GPU),
         (["--layouts", "three-in-one,shared"], "layouts must be among"),
         (["--resolution", "100"], "multiple of 8"),
         (["--device", "cpu", "--largest-batch"], "needs a CUDA device"),

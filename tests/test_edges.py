@@ -30,6 +30,8 @@ def test_one_set_of_defaults(script, tmp_path):
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                               "--use_lora", "--rank", "8"])  # fmt: skip
     assert script.make_config(args).generator_lora_alpha == 8.0 == script.make_config(args).assistant_lora_alpha
+    with pytest.raises(SystemExit):  # the config's choices are the flag's: argparse names them
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--weighting", "snr"])
 
 
 def test_first_line_and_the_base_class():

@@ -202,7 +202,7 @@ def test_push_to_unreachable_hub_fails_cleanly(script, tiny_sdxl_dir, prompt_fil
     [
         ("caption\na cat\n", [], "no column 'prompt'"),
         ("prompt\na cat\n", ["--resolution", "60"], "resolution"),
-        ("prompt\na cat\n", ["--divergence", "kl", "--weighting", "snr"], "weighting"),
+        ("prompt\na cat\n", ["--divergence", "kl", "--huber_c", "0"], "huber_c"),
         ("prompt\na cat\n", ["--checkpoints_total_limit", "0"], "checkpoints_total_limit"),
     ],
 )
