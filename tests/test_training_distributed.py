@@ -169,8 +169,9 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
              "sigterm": [1, 1], "status": 143},
             {"name": "nan", "args": [*LORA, "--max_train_steps", "2", "--output_dir", str(ddp / "nan")],
              "nan": [1, 1]},
-            {"name": "after-sigterm", "args": [*FULL, "--output_dir", str(ddp / "after-sigterm"),
-                                               "--resume_from_checkpoint", str(ddp / "sigterm" / "checkpoint-1")]},
+            {"name": "after-sigterm",
+             "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "sigterm"),
+                      "--resume_from_checkpoint", "latest"]},
         ],
     )  # fmt: skip
     fsdp_probe = launch(
@@ -275,11 +276,13 @@ def test_docs_memory_table_is_the_computed_one():
 def test_sigterm_on_one_rank_saves_one_checkpoint_that_resumes_exactly(runs):
     out, probe = runs["ddp"][0], runs["ddp"][1]
     assert [(probe / "sigterm" / f"status-rank{r}").read_text() for r in (0, 1)] == ["143", "143"]
-    # Rank 1 got the signal during step 1: both ranks finished the step, saved checkpoint-1 together and stopped.
-    assert sorted(os.listdir(out / "sigterm")) == ["checkpoint-1"]
+    # Rank 1 got the signal during step 1: both ranks finished the step, saved checkpoint-1 together and stopped; the
+    # same command with `--resume_from_checkpoint latest` (resolved on rank 0, broadcast) went on to checkpoint-2.
+    checkpoints = sorted(name for name in os.listdir(out / "sigterm") if name.startswith("checkpoint"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
     manifest = json.loads((out / "sigterm" / "checkpoint-1" / "di_star_checkpoint.json").read_text())
     assert manifest["step"] == 1
-    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "after-sigterm" / "unet")
+    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "sigterm" / "unet")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
