@@ -45,7 +45,7 @@ def test_generate_offline_hub_id_is_one_clear_line(tmp_path):
     "argv, message",
     [
         (["--model", "./missing/folder"], "--model './missing/folder': no such file or folder"),
-        (["--num-images", "0"], "--num-images must be >= 1"),
+        (["--num-images", "0"], "--num-images must be in [1, 256]"),
     ],
 )
 def test_generate_bad_arguments(tmp_path, capsys, argv, message):
@@ -147,7 +147,7 @@ def _bad_input_cases(tmp_path):
         ([*generate, "--height", "0", *out], "--height must be >= 1, got 0."),
         ([*generate, "--height", "65536", "--width", "65536", *out], "is 4,294,967,296 pixels, above the limit"),
         ([*generate, "--seed", "-1", *out], "--seed must be in [0, 4294967295], got -1."),
-        ([*generate, "--batch-size", "0", *out], "--batch-size must be >= 1, got 0."),
+        ([*generate, "--batch-size", "0", *out], "--batch-size must be in [1, 256], got 0."),
         ([*generate, "--out", str(a_file)], "is a file; pass a folder"),
         (["generate", *out], "give at least one --prompt or a --prompt-file."),
         (["generate", "--prompt-file", str(tmp_path / "missing.txt"), *out], "cannot read --prompt-file"),

@@ -220,3 +220,23 @@ def test_api_workflow_wires_the_node_into_sampler_custom_advanced(comfy_stubs):
     assert guider["class_type"] == "BasicGuider" and workflow[sampler["sampler"][0]]["inputs"] == {
         "sampler_name": "euler"
     }
+
+
+def test_damaged_files_and_out_of_range_t_star_are_named(tmp_path, comfy_stubs):
+    save_file({"x": torch.zeros(1)}, tmp_path / "good.safetensors")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    cases = {
+        "short.safetensors": data[:4],  # truncated inside the length field
+        "huge.safetensors": (10**15).to_bytes(8, "little") + data[8:],  # a length that would allocate a petabyte
+        "cut.safetensors": data[: len(data) // 2],  # header cut short
+        "text.safetensors": b"not a safetensors file at all",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name} is not a readable .safetensors file \(.*\): pick another"):
+            read_conditioning_timestep(tmp_path / name)
+    node = NODE_CLASS_MAPPINGS["DIStarOneStep"]()
+    model = FakeModelPatcher(ComfyModelSamplingDiscrete())
+    for t_star in (-1, 1000, 399.5):
+        with pytest.raises(ValueError, match=rf"conditioning_timestep must be an integer in \[0, 999\], got {t_star}"):
+            node.build(model, 0, t_star)

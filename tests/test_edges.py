@@ -1,7 +1,10 @@
 """The roots of the edge cases (one error base, one source resolver, one set of DI* defaults) and the edges."""
 
 import errno
+import math
 import os
+import re
+import warnings
 
 import pytest
 from test_training_script import load_script
@@ -27,6 +30,8 @@ def test_one_set_of_defaults(script, tmp_path):
     args = script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                               "--use_lora", "--rank", "8"])  # fmt: skip
     assert script.make_config(args).generator_lora_alpha == 8.0 == script.make_config(args).assistant_lora_alpha
+    with pytest.raises(SystemExit):  # the config's choices are the flag's: argparse names them
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--weighting", "snr"])
 
 
 def test_first_line_and_the_base_class():
@@ -81,18 +86,8 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_is_one_line_and_nothing_is_half_written(tiny_sdxl_dir, tmp_path, capsys, monkeypatch):
-    import diffusers_di_star.export.files as files
-
-    out = tmp_path / "unet.safetensors"
-    monkeypatch.setattr(files, "save_file", enospc)
-    argv = ["export", "--model", tiny_sdxl_dir, "--format", "comfyui-unet", "--out", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err == f"di-star export: error: disk full at {tmp_path}: nothing was written ({str(out)!r} was not " \
-        "created); free space or pass another --out.\n"
-    assert os.listdir(tmp_path) == []
-
+def test_disk_full_in_generate_names_the_image(tmp_path, monkeypatch):
+    """(Export: test_export.py::test_failed_write_leaves_no_partial_file_and_keeps_the_old_one.)"""
     from PIL import Image
 
     import diffusers_di_star.cli as cli
@@ -188,3 +183,151 @@ def test_pipeline_refuses_float_sizes_nan_latents_and_huge_batches(tiny_componen
         pipe("a", height=64, width=64, latents=latents)
     with pytest.raises(ValueError, match=r"1,000,000,000 images in one call .* above the limit of 256"):
         pipe("a", height=64, width=64, num_images_per_prompt=10**9)
+
+
+def test_a_very_long_prompt_gets_one_short_truncation_notice(tiny_components):
+    import logging
+
+    import torch
+
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.quiet import TRUNCATION_LOGGER
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            notices.append(record.getMessage())
+
+    notices, handler = [], Collect()
+    logging.getLogger(TRUNCATION_LOGGER).addHandler(handler)  # after the logger's filters, as any handler
+    pipe = DIStarSDXLPipeline(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe(" ".join(["cat"] * 20_000), height=64, width=64, generator=torch.Generator().manual_seed(0))
+    finally:
+        logging.getLogger(TRUNCATION_LOGGER).removeHandler(handler)
+    assert len(notices) == 1 and len(notices[0]) < 300, notices  # (two text encoders, one notice)
+    head, _, shown = notices[0].partition(" tokens: ")
+    assert head.endswith("up to 77") and re.fullmatch(r"\['cat.{75}… \(\d{2,3},\d{3} characters in all\)", shown)
+
+
+def test_pipeline_without_scheduler_lcm_unets_and_ip_adapter(tiny_components, tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from diffusers_di_star import DIStarSDXLPipeline
+
+    # scheduler=None builds (as plain SDXL does: diffusers' test_encode_prompt_works_in_isolation needs it), in the
+    # constructor and in from_pretrained; a call then says what is missing.
+    pipe = DIStarSDXLPipeline(**{**tiny_components, "scheduler": None})
+    assert pipe.scheduler is None and pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0].ndim == 3
+    with pytest.raises(ValueError, match=r"no scheduler \(scheduler=None\)"):
+        pipe("a cat", height=64, width=64)
+    DIStarSDXLPipeline(**tiny_components).save_pretrained(tmp_path)
+    assert DIStarSDXLPipeline.from_pretrained(tmp_path, scheduler=None).scheduler is None
+
+    with pytest.raises(NotImplementedError, match="does not support IP-Adapters"):
+        DIStarSDXLPipeline(**tiny_components).load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models")
+
+    # A UNet with time_cond_proj_dim (the LCM-distilled layout) gets the guidance embedding as SDXL + LCM gives it.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_components["unet"].config, time_cond_proj_dim=16)
+    assert unet.config.time_cond_proj_dim == 16
+    components = {**tiny_components, "unet": unet}
+    scheduler = LCMScheduler.from_config(components["scheduler"].config)
+    reference = StableDiffusionXLPipeline(**{**components, "scheduler": scheduler}, add_watermarker=False)
+    ours = DIStarSDXLPipeline(**components, add_watermarker=False)
+    for pipe in (reference, ours):
+        pipe.set_progress_bar_config(disable=True)
+    for guidance_scale in (0.0, 6.0):
+        call = {"height": 64, "width": 64, "output_type": "np", "guidance_scale": guidance_scale}
+        theirs = reference(["a cat"], num_inference_steps=1, timesteps=[399], generator=gen(), **call).images
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # guidance_scale is used, not "ignored", for this UNet
+            mine = ours(["a cat"], generator=gen(), **call).images
+        assert np.abs(mine - theirs).max() <= 1e-5, guidance_scale
+    # (and the embedding matters: the default w differs from the last one)
+    assert np.abs(ours(["a cat"], generator=gen(), height=64, width=64, output_type="np").images - theirs).max() > 1e-3
+
+
+def gen():
+    import torch
+
+    return torch.Generator().manual_seed(0)
+
+
+def test_a_trained_lora_run_folder_is_a_model(tiny_sdxl_dir, tmp_path, capsys):
+    """generate and export take a LoRA run folder: its LoRA on the base model named in its training_args.json."""
+    import json
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffusers_di_star import DIStarSDXLPipeline
+    from diffusers_di_star.export import load_generator_unet
+    from diffusers_di_star.runtime import load_pipeline
+
+    base = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    run = tmp_path / "run"
+    StableDiffusionXLPipeline.save_lora_weights(run, unet_lora_layers=get_peft_model_state_dict(base.unet))
+    (run / "training_args.json").write_text(json.dumps(
+        {"use_lora": True, "pretrained_model_name_or_path": tiny_sdxl_dir, "conditioning_timestep": 500}
+    ))  # fmt: skip
+    expected = DIStarSDXLPipeline.from_pretrained(tiny_sdxl_dir, conditioning_timestep=500)
+    expected.load_lora_weights(str(run))
+    call = {"height": 64, "width": 64, "output_type": "np"}
+    pipe = load_pipeline(str(run), device="cpu")
+    assert pipe.conditioning_timestep == 500
+    images = [p("a cat", generator=torch.Generator().manual_seed(0), **call).images for p in (pipe, expected)]
+    np.testing.assert_array_equal(images[0], images[1])
+
+    out = tmp_path / "unet.safetensors"
+    assert main(["export", "--model", str(run), "--format", "comfyui-unet", "--dtype", "fp32", "--out", str(out)]) == 0
+    expected.fuse_lora()
+    expected.unload_lora_weights()  # (the fused weights stay)
+    fused = expected.unet.state_dict()
+    exported = load_generator_unet(str(out), base_model=tiny_sdxl_dir).state_dict()
+    assert max((exported[k] - v).abs().max().item() for k, v in fused.items()) < 1e-6
+    plain = load_file(os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    assert max((exported[k] - plain[k]).abs().max().item() for k in plain) > 1e-3  # the LoRA is in it
+
+
+def test_each_step_logs_every_loss_term_the_reward_and_both_grad_norms_and_lrs(
+    script, tiny_sdxl_dir, tmp_path, monkeypatch
+):
+    """docs/training.md's logging claim, on a recording tracker (accelerate's `log`), with every term switched on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from test_training_script import run, train_args
+    from training_helpers import PatternReward
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = train_args(tiny_sdxl_dir, str(prompts), tmp_path / "out", "--cfg_mode", "reward")
+    assert run(script, *args) == 0
+    assert [step for step, _ in logged] == [1, 2]
+    for _, values in logged:
+        assert set(values) == {
+            "assistant_loss", "generator_loss", "reward_loss", "divergence_loss", "cfg_reward_loss", "reward",
+            "assistant_grad_norm", "generator_grad_norm", "lr", "assistant_lr",
+        }  # fmt: skip
+        assert all(isinstance(value, float) and math.isfinite(value) for value in values.values()), values
+
+
+def test_without_tensorboard_the_run_stops_at_start(script, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(ValueError, match="--report_to tensorboard needs the tensorboard package"):
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o")])

@@ -217,6 +217,8 @@ def comfyui_new_unet_keys(sd):
 
 
 def test_unet_only_default_layout_loads_in_old_and_new_comfyui(tiny_sdxl_dir, tiny, tmp_path):
+    """Our layout against the two loaders' key rules as read in their source; NOT a run of a ComfyUI loader (the
+    wheel in tests/fidelity/ is not installed with the test dependencies), so docs/export.md marks it not verified."""
     path = export_comfyui_unet(tiny_sdxl_dir, tmp_path / "unet.safetensors", dtype="fp32")
     sd = load_file(path)
     assert "input_blocks.0.0.weight" in sd and not any(k.startswith(UNET_PREFIX) for k in sd)
@@ -336,7 +338,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny, tmp_pat
 
     monkeypatch.setattr(export_files, "save_file", disk_full)
     out = tmp_path / "unet.safetensors"
-    with pytest.raises(ExportError, match="No space left on device.*Nothing was written"):
+    with pytest.raises(ExportError, match=r"^disk full at .*: nothing was written \(.* was not created\)"):
         export_comfyui_unet(tiny["unet"], out)
     assert os.listdir(tmp_path) == []
     out.write_bytes(b"previous export")

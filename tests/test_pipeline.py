@@ -300,7 +300,14 @@ def test_fp16_vae_is_upcast_and_restored(tiny_components):
 
 def test_bf16_pipeline_decodes_without_upcast(tiny_components):
     pipe = make_pipe(tiny_components).to(torch.bfloat16)
-    image = pipe("a cat", generator=gen(), output_type="pt").images
+    seen = []  # the dtype of every weight and input the VAE decoder runs with (an upcast would show float32)
+    record = lambda module, args: seen.append((module.conv_in.weight.dtype, args[0].dtype))  # noqa: E731
+    hook = pipe.vae.decoder.register_forward_pre_hook(record)
+    try:
+        image = pipe("a cat", generator=gen(), output_type="pt").images
+    finally:
+        hook.remove()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert torch.isfinite(image).all() and pipe.vae.dtype == torch.bfloat16
 
 

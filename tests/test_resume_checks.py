@@ -7,33 +7,20 @@ import shutil
 
 import pytest
 import torch
-from test_training_script import LORA, copy_run, load_script, lora_run, prompt_file, run, train_args  # noqa: F401
-from training_helpers import PatternReward
+from test_run_folder import fresh_accelerate_and_stub_reward, script  # noqa: F401  (fixtures)
+from test_training_script import LORA, copy_run, lora_run, prompt_file, run, train_args  # noqa: F401
 
 from diffusers_di_star.training.resume import RESUME_POLICY, ResumeError, compare_settings, resume_settings
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "training.md")
 
 
-@pytest.fixture(scope="module")
-def script():
-    return load_script()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_and_stub_reward(script, monkeypatch):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    monkeypatch.setattr(script, "load_reward", lambda spec: PatternReward().freeze())
-
-
-def settings(script, tmp_path, model, *extra):
-    args = script.parse_args(train_args(model, "p.txt", tmp_path / "o", *extra))
+def settings(trainer, tmp_path, model, *extra):
+    args = trainer.parse_args(train_args(model, "p.txt", tmp_path / "o", *extra))
     return json.loads(json.dumps(resume_settings(args)))
 
 
-def test_the_table_decides_each_flag(script, tiny_sdxl_dir, tmp_path):
+def test_the_table_decides_each_flag(script, tiny_sdxl_dir, tmp_path):  # noqa: F811  (fixture)
     saved = settings(script, tmp_path, tiny_sdxl_dir, *LORA, "--max_train_steps", "4")
     refused = {
         ("--conditioning_timestep", "500"): "--conditioning_timestep: checkpoint-2 was trained with 399, this run",
@@ -68,7 +55,7 @@ def test_the_table_decides_each_flag(script, tiny_sdxl_dir, tmp_path):
     assert "--allow_model_change" in compare_settings(saved, given, "c", 2, allow_model_change=True)[0]
 
 
-def test_docs_state_the_table(script):
+def test_docs_state_the_table():
     text = open(DOCS, encoding="utf-8").read()
     for flag, kind in RESUME_POLICY.items():
         row = re.search(rf"^ *\| ([a-z ]+) \|[^\n]*`--{flag}`", text, re.MULTILINE)

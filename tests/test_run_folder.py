@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,6 +118,13 @@ def test_overwrite_removes_only_what_the_previous_run_wrote(script, tmp_path, ti
     removed = clear_previous_run(str(out), "logs")
     assert "notes.txt" not in removed and {"unet", "model_index.json", "README.md", "logs"} <= set(removed)
     assert sorted(os.listdir(out)) == ["notes.txt"]
+    # A model folder no run of this trainer finished (no training_args.json) keeps everything but checkpoints.
+    model = tmp_path / "downloaded-model"
+    shutil.copytree(tiny_sdxl_dir, model)
+    (model / "checkpoint-3").mkdir()
+    before = sorted(os.listdir(model))
+    assert clear_previous_run(str(model), "logs") == ["checkpoint-3"]
+    assert sorted(os.listdir(model)) == [name for name in before if name != "checkpoint-3"]
 
 
 def test_trainer_pixel_cap(script, tmp_path):

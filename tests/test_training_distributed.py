@@ -30,9 +30,9 @@ FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.ya
 FSDP1_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp1_8gpu.yaml")
 
 # Runs the example (stub reward) once per entry of the JSON list in DI_STAR_TEST_RUNS, in one process group:
-# {"name", "args", "refused", "status", "sigterm"}. A run with "refused" must fail with a ValueError, whose message is
-# recorded; the others must return "status" (default 0). "sigterm": [rank, n] sends SIGTERM to that rank at its n-th
-# generator-loss call. For
+# {"name", "args", "refused", "status", "sigterm", "nan"}. A run with "refused" must fail with a ValueError, whose
+# message is recorded; the others must return "status" (default 0). "sigterm": [rank, n] sends SIGTERM to that rank at
+# its n-th generator-loss call; "nan": [rank, n] makes that call's loss NaN on that rank only. For
 # each other run every rank records, under <probe>/<name>/, its generator's initial trainable parameters, how its
 # prepared units' parameters are laid out (after `prepare` and at the end), its final generator parameters
 # (unsharded engines) and each export it made.
@@ -85,11 +85,12 @@ LAUNCHER = textwrap.dedent(
 
     loss_calls = {{"n": 0}}
 
-    def signalling_generator_loss(*args, **kwargs):  # "sigterm": SIGTERM to this rank at that generator-loss call
+    def signalling_generator_loss(*args, **kwargs):  # "sigterm" / "nan": at that rank's n-th generator-loss call
         loss_calls["n"] += 1
         if run.get("sigterm") == [rank, loss_calls["n"]]:
             os.kill(os.getpid(), signal.SIGTERM)
-        return generator_loss(*args, **kwargs)
+        loss, terms = generator_loss(*args, **kwargs)
+        return (loss * float("nan"), terms) if run.get("nan") == [rank, loss_calls["n"]] else (loss, terms)
 
     generator_loss = script.generator_loss
     script.setup_networks, script.prepare_networks = recording_setup, recording_prepare
@@ -113,6 +114,7 @@ LAUNCHER = textwrap.dedent(
         loss_calls["n"] = 0
         status = script.main(args)
         open(os.path.join(probe, f"status-rank{{rank}}"), "w").write(str(status))
+        open(os.path.join(probe, f"loss-calls-rank{{rank}}"), "w").write(str(loss_calls["n"]))
         if status != run.get("status", 0):
             sys.exit(1)
         networks = captured["networks"]
@@ -178,8 +180,11 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
             {"name": "full", "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "full")]},
             {"name": "sigterm", "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "sigterm")],
              "sigterm": [1, 1], "status": 143},
-            {"name": "after-sigterm", "args": [*FULL, "--output_dir", str(ddp / "after-sigterm"),
-                                               "--resume_from_checkpoint", str(ddp / "sigterm" / "checkpoint-1")]},
+            {"name": "nan", "args": [*LORA, "--max_train_steps", "2", "--output_dir", str(ddp / "nan")],
+             "nan": [1, 1]},
+            {"name": "after-sigterm",
+             "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "sigterm"),
+                      "--resume_from_checkpoint", "latest"]},
         ],
     )  # fmt: skip
     fsdp_probe = launch(
@@ -358,10 +363,22 @@ def test_docs_memory_table_is_the_computed_one():
 def test_sigterm_on_one_rank_saves_one_checkpoint_that_resumes_exactly(runs):
     out, probe = runs["ddp"][0], runs["ddp"][1]
     assert [(probe / "sigterm" / f"status-rank{r}").read_text() for r in (0, 1)] == ["143", "143"]
-    # Rank 1 got the signal during step 1: both ranks finished the step, saved checkpoint-1 together and stopped.
-    assert sorted(os.listdir(out / "sigterm")) == ["checkpoint-1"]
+    # Rank 1 got the signal during step 1: both ranks finished the step, saved checkpoint-1 together and stopped; the
+    # same command with `--resume_from_checkpoint latest` (resolved on rank 0, broadcast) went on to checkpoint-2.
+    checkpoints = sorted(name for name in os.listdir(out / "sigterm") if name.startswith("checkpoint"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
     manifest = json.loads((out / "sigterm" / "checkpoint-1" / "di_star_checkpoint.json").read_text())
     assert manifest["step"] == 1
-    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "after-sigterm" / "unet")
+    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "sigterm" / "unet")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all_ranks(runs):
+    probe = runs["ddp"][1] / "nan"
+    # Rank 1's first generator loss was NaN: both ranks skipped that step and redid it (3 loss calls for 2 steps) ...
+    assert [(probe / f"loss-calls-rank{r}").read_text() for r in (0, 1)] == ["3", "3"]
+    # ... and stayed in sync, and the run trained.
+    rank0, rank1 = (torch.load(probe / f"generator-rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+    assert all(torch.isfinite(p).all() for p in rank0) and any(p.abs().max() > 0 for p in rank0[1::2])

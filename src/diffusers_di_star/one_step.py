@@ -262,6 +262,7 @@ def generate_x0(
     conditioning_timestep: int = DEFAULT_CONDITIONING_TIMESTEP,
     cross_attention_kwargs: dict | None = None,
     prediction_type: str = "epsilon",
+    timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`one_step_x0` for a ``UNet2DConditionModel`` on a VP schedule (docs/math.md §2).
 
@@ -274,6 +275,7 @@ def generate_x0(
         conditioning_timestep: t*, the timestep the generator is conditioned on.
         cross_attention_kwargs: forwarded to the UNet (e.g. ``{"scale": 0.8}`` for LoRA).
         prediction_type: how the UNet's output reads (``scheduler.config.prediction_type``).
+        timestep_cond: the guidance embedding of a UNet with ``time_cond_proj_dim`` (LCM-distilled), else None.
 
     Gradients flow to the UNet's parameters and to every input; the caller chooses ``torch.no_grad`` or not.
     Equals diffusers' ``LCMScheduler`` step at ``timesteps=[t*]`` up to its boundary-condition term
@@ -287,6 +289,7 @@ def generate_x0(
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs=added_cond_kwargs,
             cross_attention_kwargs=cross_attention_kwargs,
+            timestep_cond=timestep_cond,
             return_dict=False,
         )[0]
 

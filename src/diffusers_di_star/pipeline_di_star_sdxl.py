@@ -113,7 +113,10 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
     released DI* checkpoints, without its pitfalls.
 
     Loads from any SDXL-layout folder or Hub id; every loader of `StableDiffusionXLPipeline` works
-    (`from_pretrained`, `from_pipe`, `from_single_file`, `load_lora_weights`, `fuse_lora`).
+    (`from_pretrained`, `from_pipe`, `from_single_file`, `load_lora_weights`, `fuse_lora`) except `load_ip_adapter`,
+    which is refused. A UNet with `time_cond_proj_dim` (the LCM-distilled layout) gets the guidance embedding of
+    w = `guidance_scale` − 1 as diffusers' SDXL pipeline gives it (`guidance_scale` 0 by default), so the equality
+    above holds for it too.
 
     Args:
         vae ([`AutoencoderKL`]): decodes latents to images. An fp16 VAE with `force_upcast=True` (SDXL's own, which
@@ -125,7 +128,8 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             the scheduler's `prediction_type` says.
         scheduler ([`SchedulerMixin`]): only its training schedule (`alphas_cumprod`) and `prediction_type` are
             used. Any SDXL scheduler is converted to an `LCMScheduler` with the same betas (`as_lcm_scheduler`), so
-            that a saved folder runs in plain diffusers with `timesteps=[t*]`.
+            that a saved folder runs in plain diffusers with `timesteps=[t*]`. May be None to build the pipeline (e.g.
+            only to encode prompts); a call then refuses.
         force_zeros_for_empty_prompt (`bool`, defaults to `True`): as in `StableDiffusionXLPipeline`.
         add_watermarker (`bool`, *optional*): as in `StableDiffusionXLPipeline`.
         conditioning_timestep (`int`, defaults to 399): t*, the timestep the generator is conditioned on. Stored in
@@ -171,7 +175,15 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
 
     @property
     def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
+        """Of the scheduler's training schedule; SDXL's 1000 while no scheduler is set (`scheduler=None`)."""
+        return 1000 if self.scheduler is None else self.scheduler.config.num_train_timesteps
+
+    def load_ip_adapter(self, *args, **kwargs):
+        """Refused: a one-step DI* generator is not trained with image prompts, and its UNet call passes none."""
+        raise NotImplementedError(
+            "DIStarSDXLPipeline does not support IP-Adapters: the one-step generator was not trained with image "
+            "prompts. Use StableDiffusionXLPipeline for IP-Adapter generation."
+        )
 
     def _check_conditioning_timestep(self, conditioning_timestep) -> None:
         check_conditioning_timestep(conditioning_timestep, self.num_train_timesteps)
@@ -461,7 +473,9 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         target_size = target_size or (height, width)
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         arguments = locals()
-        self._warn_unused({name: arguments[name] for name in IGNORED_SDXL_ARGUMENTS})
+        guided = self.unet.config.time_cond_proj_dim is not None  # an LCM-distilled UNet takes w as an input
+        unused = [name for name in IGNORED_SDXL_ARGUMENTS if not (guided and name == "guidance_scale")]
+        self._warn_unused({name: arguments[name] for name in unused})
 
         # 1. Check inputs
         self.check_inputs(
@@ -478,6 +492,11 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        if self.scheduler is None:
+            raise ValueError(
+                "This pipeline has no scheduler (scheduler=None): the one-step map needs its training schedule. Set "
+                "one, e.g. `pipe.scheduler = LCMScheduler.from_pretrained(model, subfolder='scheduler')`."
+            )
         conditioning_timestep = self.conditioning_timestep if conditioning_timestep is None else conditioning_timestep
         self._guidance_scale = 0.0  # read by the parent's `do_classifier_free_guidance`
         self._clip_skip = clip_skip
@@ -485,12 +504,6 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
         self._interrupt = False
         self._num_timesteps = 1
         batch_size = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        if self.max_batch_size is not None and batch_size > self.max_batch_size:
-            raise ValueError(
-                f"{batch_size:,} images in one call (prompts × num_images_per_prompt) is above the limit of "
-                f"{self.max_batch_size} (`pipe.max_batch_size`): call the pipeline several times, or raise "
-                "`pipe.max_batch_size` (None lifts the limit)."
-            )
         device = self._execution_device
 
         # 2. Encode the prompt (no unconditional branch)
@@ -537,7 +550,13 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             "time_ids": add_time_ids.to(device).repeat(batch_size, 1),
         }
 
-        # 5. The one step: x0 = g_θ(z, c)
+        # 5. The one step: x0 = g_θ(z, c); a UNet with `time_cond_proj_dim` (LCM-distilled) gets the embedding of
+        # w = guidance_scale − 1 as diffusers' SDXL pipeline gives it (default 0, the one-step recipe)
+        timestep_cond = None
+        if guided:
+            w = torch.tensor((guidance_scale or 0.0) - 1).repeat(batch_size)
+            timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(device=device, dtype=latents.dtype)
         latents = generate_x0(
             self.unet,
             latents,
@@ -547,6 +566,7 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
             conditioning_timestep,
             cross_attention_kwargs=cross_attention_kwargs,
             prediction_type=self.scheduler.config.prediction_type,
+            timestep_cond=timestep_cond,
         ).to(prompt_embeds.dtype)
 
         if callback_on_step_end is not None:

@@ -34,12 +34,39 @@ class _DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
+#: SDXL's encode_prompt logs the whole truncated tail of a long prompt, once per text encoder (800 KB for a
+#: 100,000-word prompt): shortened to its start and length, and a notice identical to the previous one is dropped.
+TRUNCATION_LOGGER = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+TRUNCATION_NOTICE = "The following part of your input was truncated because CLIP can only handle sequences up to"
+TRUNCATION_SHOWN = 80
+
+
+class _ShortenTruncation(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(TRUNCATION_NOTICE):
+            return True
+        head, _, removed = message.partition(" tokens: ")
+        if len(removed) > TRUNCATION_SHOWN:
+            removed = f"{removed[:TRUNCATION_SHOWN]}… ({len(removed):,} characters in all)"
+        record.msg, record.args = f"{head} tokens: {removed}", ()
+        repeated, self.last = record.msg == self.last, record.msg
+        return not repeated
+
+
 def install() -> None:
-    """Add the filters of :data:`SILENCED` to their loggers (idempotent)."""
+    """Add the filters of :data:`SILENCED` and the truncation notice's to their loggers (idempotent)."""
     for name, fragments in SILENCED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+    logger = logging.getLogger(TRUNCATION_LOGGER)
+    if not any(isinstance(f, _ShortenTruncation) for f in logger.filters):
+        logger.addFilter(_ShortenTruncation())
 
 
 install()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DIStarError
-from .sources import load_failure, local_path_problem
+from .sources import load_failure, local_path_problem, lora_run
 
 __all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
 
@@ -34,14 +34,30 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, va
     ``model_index.json``) on ``device``; a missing model or an unknown layout raises :class:`ModelLoadError`."""
     from .families import detect_family
 
-    what = "a Diffusers pipeline folder (with model_index.json)"
+    what = "a Diffusers pipeline folder (with model_index.json) or a trained LoRA run folder"
     if problem := local_path_problem("--model", model, what):
         raise ModelLoadError(problem)
+    run = lora_run(model)  # a trainer's LoRA run: its LoRA on the base model (and generator init) it was trained on
+    source, options = model, {}
+    if run is not None:
+        from .export import load_generator_unet
+
+        source, options["conditioning_timestep"] = run["pretrained_model_name_or_path"], run["conditioning_timestep"]
+        if run.get("pretrained_generator"):
+            options["unet"] = load_generator_unet(
+                run["pretrained_generator"],
+                base_model=source,
+                weight_name=run.get("pretrained_generator_weight_name"),
+                torch_dtype=DTYPES[dtype],
+            )
     try:
-        pipeline_class = detect_family(model).pipeline_class()
-        pipe = pipeline_class.from_pretrained(model, dtype=DTYPES[dtype], variant=variant)
+        pipeline_class = detect_family(source).pipeline_class()
+        pipe = pipeline_class.from_pretrained(source, dtype=DTYPES[dtype], variant=variant, **options)
+        if run is not None:
+            pipe.load_lora_weights(model)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(load_failure("--model", model, err, what)) from err
+        flag = "--model" if run is None else f"--model {model!r}: its base model"
+        raise ModelLoadError(load_failure(flag, source, err, what)) from err
     # diffusers warns once per module that fp16 "cannot run" on a CPU and "will fail"; with torch 2.13 it runs (tested
     # by test_cli: generate --dtype fp16 --device cpu), so the four identical lines would only mislead.
     return pipe.to(device or default_device(), silence_dtype_warnings=True)

@@ -6,12 +6,14 @@ Every command and the trainer decide "Hub id or local path?" with :func:`is_hub_
 
 from __future__ import annotations
 
+import json
 import os
 
 from .errors import first_line
 
 __all__ = [
     "is_hub_id",
+    "lora_run",
     "load_failure",
     "local_path_problem",
     "not_cached",
@@ -31,6 +33,24 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+#: What the trainer leaves in a LoRA run's --output_dir (besides checkpoints and images).
+LORA_RUN_FILES = ("pytorch_lora_weights.safetensors", "training_args.json")
+
+
+def lora_run(path: str) -> dict | None:
+    """The settings of a trainer's LoRA run folder (``training_args.json``: its base model, generator init and t*),
+    or None for anything else (a Diffusers folder, a file, a Hub id)."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model_index.json")):
+        return None
+    if not all(os.path.isfile(os.path.join(path, name)) for name in LORA_RUN_FILES):
+        return None
+    with open(os.path.join(path, "training_args.json"), encoding="utf-8") as f:
+        settings = json.load(f)
+    if not (isinstance(settings, dict) and settings.get("use_lora") and settings.get("pretrained_model_name_or_path")):
+        return None
+    return settings
 
 
 def _named(flag: str | None, name: str) -> str:

@@ -35,6 +35,8 @@ __all__ = [
 DEFAULT_CONDITIONING_TIMESTEP = 399
 #: The safetensors metadata field in which ``di-star export`` records t*.
 METADATA_KEY = "di_star.conditioning_timestep"
+#: safetensors' own limit on its JSON header (100 MB): a larger length means a damaged file, not a big header.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def noise_multiplier(sigma: float, sigma_max: float = math.inf) -> float:
@@ -61,17 +63,27 @@ def one_step_sigmas(sigma: float | torch.Tensor) -> torch.Tensor:
 def read_conditioning_timestep(path: str | os.PathLike) -> int | None:
     """t* from the ``di_star.conditioning_timestep`` metadata of a ``.safetensors`` file, or ``None`` if absent.
 
-    Reads the JSON header only (the format's first 8 bytes give its length), so nothing is loaded.
+    Reads the JSON header only (the format's first 8 bytes give its length), so nothing is loaded. A file whose
+    header cannot be read (truncated, damaged, not safetensors) raises ``ValueError`` naming it.
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         return None
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= length <= min(os.path.getsize(path) - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"a header length of {length} bytes")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("a header that is not a JSON object")
+    except (OSError, struct.error, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({err}): pick another file, or set t* by hand."
+        ) from None
     value = (header.get("__metadata__") or {}).get(METADATA_KEY)
     if value is None:
         return None
-    if not value.strip().isdigit() or not 0 <= int(value) < 1000:
+    if not isinstance(value, str) or not value.strip().isdigit() or not 0 <= int(value) < 1000:
         raise ValueError(f"{path}: {METADATA_KEY} is {value!r}, not a timestep in [0, 1000); set t* by hand.")
     return int(value)

@@ -88,6 +88,9 @@ class DIStarOneStep:
             stored = read_conditioning_timestep(_full_path(timestep_from_file))
             timestep = timestep if stored is None else stored
         model_sampling = _model_sampling(model)
+        steps = len(model_sampling.sigmas)  # ComfyUI's sigma(t) clamps t into [0, steps − 1]: refuse instead
+        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < steps:
+            raise ValueError(f"conditioning_timestep must be an integer in [0, {steps - 1}], got {timestep!r}.")
         sigma = float(model_sampling.sigma(torch.tensor(timestep)))
         return OneStepNoise(noise_seed, sigma, float(model_sampling.sigma_max)), one_step_sigmas(sigma)
 

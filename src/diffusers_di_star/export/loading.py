@@ -19,7 +19,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..configs import load_sdxl_config
-from ..sources import load_failure, local_path_problem
+from ..sources import LORA_RUN_FILES, load_failure, local_path_problem, lora_run
 from .files import ExportError, cast_floating, load_state_dict_file
 from .sdxl_keys import UNET_PREFIX, V_PRED_KEY, check_sdxl_unet_config, unet_from_original
 
@@ -225,10 +225,14 @@ def load_generator_unet(
       only one variant is saved;
     * a Hub id: with ``weight_name`` one file is downloaded (``hf_hub_download``), else ``from_pretrained`` loads the
       ``subfolder`` (default ``"unet"``).
+    * a trainer's LoRA run folder (``pytorch_lora_weights.safetensors`` and ``training_args.json``): the LoRA fused
+      into the UNet it was trained on (its ``--pretrained_generator``, else the base model's).
 
     A bare weights file takes its architecture from ``base_model`` (a Diffusers SDXL folder or Hub id) if given,
     else from a ``config.json`` beside it, else from the bundled SDXL base config (right for DMD2's files).
     """
+    if (run := lora_run(path_or_id)) is not None:
+        return _fused_lora_run(path_or_id, run, torch_dtype, variant)
     if weight_name is not None:
         path_or_id = resolve_file(path_or_id, weight_name, subfolder)
     if os.path.isfile(path_or_id):
@@ -236,6 +240,17 @@ def load_generator_unet(
     unet = _from_pretrained("unet", *_unet_location(path_or_id, subfolder), torch_dtype, variant)
     _check_sdxl_unet(unet.config, path_or_id)
     return unet
+
+
+def _fused_lora_run(folder: str, run: dict, torch_dtype, variant) -> UNet2DConditionModel:
+    """A trainer's LoRA run as one UNet: its generator init (or base UNet) with the LoRA fused in."""
+    base = run["pretrained_model_name_or_path"]
+    init = run.get("pretrained_generator") or base
+    unet = load_generator_unet(init, base, weight_name=run.get("pretrained_generator_weight_name"), variant=variant)
+    unet.load_lora_adapter(folder, weight_name=LORA_RUN_FILES[0], prefix="unet", adapter_name="di_star")
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet.to(torch_dtype) if torch_dtype is not None else unet
 
 
 def _unet_location(path_or_id: str, subfolder: str | None) -> tuple[str, str | None]:

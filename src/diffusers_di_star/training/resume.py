@@ -126,7 +126,9 @@ def compare_settings(
         if kind == "note":
             notes.append(f"--{flag} changes from {old!r} to {new!r} at step {step} (the model card states {new!r})")
         elif kind == "bound":
-            if new is not None and new < step:
+            if new is None:  # --num_train_epochs: checked by check_step_bound once the steps are known
+                continue
+            if new < step:
                 raise ResumeError(
                     f"--max_train_steps {new}: {name} is already at step {step}; pass a larger --max_train_steps to "
                     "train on, or use the checkpoint as it is."

@@ -143,8 +143,10 @@ def check_process_group(num_processes: int) -> None:
 def run_outputs(output_dir: str, logging_dir: str | None = None) -> list[str]:
     """The entries of ``output_dir`` that this trainer wrote (names relative to it), sorted.
 
-    Checkpoints (complete, half-written, set aside), :data:`RUN_ENTRIES`, the component folders of a saved pipeline
-    (from its model_index.json), a model card carrying :data:`MODEL_CARD_MARK`, and ``logging_dir`` when inside.
+    Checkpoints (complete, half-written, set aside); and, in a folder that holds the trainer's
+    ``training_args.json`` (written last by a finished run), :data:`RUN_ENTRIES`, the component folders of a saved
+    pipeline (from its model_index.json), a model card carrying :data:`MODEL_CARD_MARK`, and ``logging_dir`` when
+    inside. A Diffusers folder that no run of this trainer finished (e.g. a downloaded model) loses nothing else.
     """
     from .checkpointing import checkpoint_dirs, incomplete_dirs
 
@@ -152,6 +154,8 @@ def run_outputs(output_dir: str, logging_dir: str | None = None) -> list[str]:
         return []
     names = set(checkpoint_dirs(output_dir)) | set(incomplete_dirs(output_dir))
     names |= {n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.endswith(".old")}
+    if not os.path.isfile(os.path.join(output_dir, "training_args.json")):
+        return sorted(names)
     names |= {n for n in RUN_ENTRIES if os.path.lexists(os.path.join(output_dir, n))}
     index = _read(os.path.join(output_dir, "model_index.json"))
     names |= {n for n, v in index.items() if isinstance(v, list) and os.path.isdir(os.path.join(output_dir, n))}
