@@ -322,9 +322,7 @@ def _add_bench_parser(subparsers) -> None:
     memory = p.add_argument_group("memory (computed without allocating it; full size by default)")
     memory.add_argument("--precision", type=_comma_list(str), default=("bf16",), help="frozen weights: bf16,fp32")
     memory.add_argument("--optimizer", type=_comma_list(str), default=("adamw",), help="adamw,adamw8bit")
-    memory.add_argument(
-        "--gradient-checkpointing", type=_comma_list(str), default=("on",), help="on,off (default on)"
-    )
+    memory.add_argument("--gradient-checkpointing", type=_comma_list(str), default=("on",), help="on,off (default on)")
     memory.add_argument("--gpus", type=_comma_list(int), default=(1,), help="FSDP2 over N GPUs, e.g. 1,2,4,8")
     p.add_argument("--out", default=None, help="also write report.md and one JSON of raw records per suite here")
     p.set_defaults(func=_cmd_bench)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -135,7 +136,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 FSDP_WRAPPED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 #: The estimate's stated agreement with a real CPU run (:func:`measure_cpu_peak`): |estimate / measured − 1| at most
 #: this, checked by ``tests/test_memory.py`` at a reduced size.
-CPU_AGREEMENT = 0.10
+CPU_AGREEMENT = 0.02
 _LEARNING_RATE = 1e-5  # any value: memory does not depend on it
 _BNB_MIN_8BIT_SIZE, _BNB_BLOCK = 4096, 256  # bitsandbytes' defaults
 
@@ -447,6 +448,7 @@ def measure_cpu_peak(setting: MemorySetting) -> int:
     """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         iteration, _, _ = _iteration(setting)
+        gc.collect()  # building leaves garbage in reference cycles; the trainer's would be collected long before
         with torch.profiler.record_function("di-star iteration"):
             iteration(setting.batch_size)
     events = list(_events(profiler.profiler.kineto_results.experimental_event_tree()))
