@@ -27,10 +27,17 @@ KIB = 1024
 
 
 def _tiny_size():
-    """The reduced SDXL with one block per level and one-layer text encoders: the fewest ops with every kind of
-    module the full size has (the estimate's time grows with the number of ops, not with tensor sizes)."""
+    """The reduced SDXL with two UNet levels, one block per level and one-layer text encoders: few ops with every kind
+    of module the full size has (the estimate's time grows with the number of ops, not with tensor sizes)."""
     overrides = {name: dict(values) for name, values in SIZES["reduced"].overrides.items()}
-    overrides["unet"] |= {"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]}
+    overrides["unet"] |= {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [1, 2],
+        "transformer_layers_per_block": [1, 1],
+        "layers_per_block": 1,
+    }
     overrides["vae"] |= {"layers_per_block": 1}
     for name in ("text_encoder", "text_encoder_2"):
         overrides[name] |= {"num_hidden_layers": 1}

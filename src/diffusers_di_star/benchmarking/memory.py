@@ -124,8 +124,8 @@ def fsdp_full_finetuning_memory_gb(num_gpus: int, counts: dict[str, int] | None 
 
 # -- the peak of one DI* iteration, computed on fake tensors ---------------------------------------------------------
 
-#: What the peak is made of. "activations" holds everything else that is live: saved activations, temporaries,
-#: autocast's bf16 copies of float32 weights, inputs, the clipping norms.
+#: What the peak is made of. "activations" holds everything else that is live: saved activations, temporaries (the
+#: optimiser step's too), autocast's bf16 copies of float32 weights, inputs, the clipping norms.
 PARTS = ("weights", "gradients", "optimizer states", "activations")
 #: FSDP2 all-gathers each wrapped block's parameters (bf16) around its use: ``fsdp_all_gather`` in the per-GPU parts.
 ALL_GATHER = "FSDP all-gather"
@@ -205,14 +205,15 @@ class LiveMemory(TorchDispatchMode):
     """Bytes of every live tensor storage by part, and the peak of their sum per GPU for each of ``gpus``.
 
     A storage is counted once (views share it) from the op that creates it until it is freed (a weak reference's
-    callback), under the part set by :meth:`add` / :meth:`relabel` or, for an op's output, :attr:`phase`. A storage
-    added with ``sharded=True`` counts 1/N on each of N GPUs (FSDP2's parameters, gradients and optimiser states); the
-    others count whole on every GPU. Tensors created outside the mode and never added are not seen.
+    callback), under the part set by :meth:`add` / :meth:`relabel` or, for an op's output, :attr:`phase` (part,
+    sharded). A storage with ``sharded`` set counts 1/N on each of N GPUs (FSDP2's parameters, gradients, optimiser
+    states and the step's temporaries); the others count whole on every GPU. Tensors created outside the mode and
+    never added are not seen.
     """
 
     def __init__(self, gpus: Sequence[int] = (1,)):
         super().__init__()
-        self.phase = "activations"
+        self.phase = ("activations", False)
         self._live: dict[int, list] = {}  # id(storage) -> [part, bytes, sharded, weak reference]
         self._whole = dict.fromkeys(PARTS, 0)
         self._sharded = dict.fromkeys(PARTS, 0)
@@ -258,7 +259,7 @@ class LiveMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self.add(tensor, self.phase, sharded=self.phase == "optimizer states")
+                self.add(tensor, *self.phase)
         return out
 
 
@@ -351,19 +352,19 @@ def _all_gather_bytes(unets: list[torch.nn.Module]) -> int:
 
 @contextlib.contextmanager
 def _tracked(tracker: LiveMemory, trainable: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Label gradients as they land in ``.grad`` and tensors made inside an optimiser step as its states."""
+    """Label gradients as they land in ``.grad``, and tensors made inside an optimiser step (the states exist already:
+    :func:`_create_optimizer_states`) as sharded temporaries."""
 
     def on_gradient(parameter: torch.nn.Parameter) -> None:
         tracker.relabel(parameter.grad, "gradients", sharded=True)
 
-    def set_phase(phase: str):
+    def set_phase(sharded: bool):
         def hook(*_):
-            tracker.phase = phase
+            tracker.phase = ("activations", sharded)
 
         return hook
 
-    handles = [register_optimizer_step_pre_hook(set_phase("optimizer states"))]
-    handles.append(register_optimizer_step_post_hook(set_phase("activations")))
+    handles = [register_optimizer_step_pre_hook(set_phase(True)), register_optimizer_step_post_hook(set_phase(False))]
     for parameter in trainable:  # peft leaves an inactive adapter's weights without requires_grad for now
         requires_grad = parameter.requires_grad
         handles.append(parameter.requires_grad_(True).register_post_accumulate_grad_hook(on_gradient))
@@ -453,11 +454,16 @@ def measure_cpu_peak(setting: MemorySetting) -> int:
             iteration(setting.batch_size)
     events = list(_events(profiler.profiler.kineto_results.experimental_event_tree()))
     (window,) = [e for e in events if e.name == "di-star iteration"]
-    return max(
+    allocations = sorted((e for e in events if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    # The allocator's running total outlives a profiling session: allocations of an earlier session freed while no
+    # profiler listened are still in it. This session's first allocation shows that offset.
+    offset = allocations[0].extra_fields.total_allocated - allocations[0].extra_fields.alloc_size
+    inside = [
         e.extra_fields.total_allocated
-        for e in events
-        if e.tag == _EventType.Allocation and window.start_time_ns <= e.start_time_ns <= window.end_time_ns
-    )
+        for e in allocations
+        if window.start_time_ns <= e.start_time_ns <= window.end_time_ns
+    ]
+    return max(inside) - offset
 
 
 def _gib(num_bytes: float) -> str:
