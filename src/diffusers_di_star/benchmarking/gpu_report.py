@@ -67,7 +67,7 @@ LIMITS = {
     "inference compiled": 180,
     "training": 60,
     "largest batch": 45,
-    "computed memory": 150,
+    "computed memory": 240,
 }
 #: The training rows whose peak memory the estimator computes beside the measurement (``computed memory`` row).
 COMPUTED_SETTINGS = ((LORA, 1), (FULL, 1))
