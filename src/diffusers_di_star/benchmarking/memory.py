@@ -127,7 +127,7 @@ def fsdp_full_finetuning_memory_gb(num_gpus: int, counts: dict[str, int] | None 
 #: What the peak is made of. "activations" holds everything else that is live: saved activations, temporaries (the
 #: optimiser step's too), autocast's bf16 copies of float32 weights, inputs, the clipping norms.
 PARTS = ("weights", "gradients", "optimizer states", "activations")
-#: FSDP2 all-gathers each wrapped block's parameters (bf16) around its use: ``fsdp_all_gather`` in the per-GPU parts.
+#: FSDP2 all-gathers each wrapped block's parameters (bf16) around its use: this part of the per-GPU figures.
 ALL_GATHER = "FSDP all-gather"
 #: ``adamw``: torch's AdamW (two float32 moments). ``adamw8bit``: the trainer's ``--use_8bit_adam``
 #: (bitsandbytes' blockwise AdamW8bit), counted by its state tensors (:class:`_AdamW8bitStates`).
@@ -149,11 +149,13 @@ class MemorySetting:
         layout: :data:`~.settings.TRAINING_LAYOUTS` (``three-in-one`` LoRA, ``separate``, ``full``).
         batch_size: images per iteration (per GPU).
         resolution: image size in pixels (square).
-        frozen_dtype: ``bf16`` or ``fp32``, the frozen weights (UNet base, text encoders, VAE) as the trainer's
-            ``--mixed_precision`` sets them; trainable weights are float32 and compute runs under bf16 autocast.
+        frozen_dtype: ``bf16`` or ``fp32``, the frozen weights (UNet base, text encoders, VAE); trainable weights
+            are float32 and compute runs under bf16 autocast either way (``fp32`` is the trainer's policy under
+            FSDP2, which keeps its units float32; ``--mixed_precision no``, float32 compute, is not modelled).
         optimizer: :data:`OPTIMIZERS`.
         gradient_checkpointing: on the UNets and the VAE, as ``--gradient_checkpointing``.
-        reward: the PickScore reward through the VAE decoder (``reward_scale > 0``); off skips both.
+        reward: the PickScore reward through the VAE decoder (``reward_scale > 0``); off skips the decode and the
+            reward model (the VAE's weights stay).
         size: the SDXL size (:data:`~.components.SIZES`, full by default).
         foreach: the optimiser's multi-tensor update, CUDA's default (one temporary as large as the parameters).
     """
