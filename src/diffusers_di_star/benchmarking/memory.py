@@ -14,8 +14,8 @@ ONE module for every memory figure the package computes:
 
 torch's own ``MemTracker`` (torch.distributed._tools) cannot run the DI* iteration: it installs gradient hooks on every
 parameter of a module at its first call (``RuntimeError`` on the frozen reference) and refuses a module called twice
-per iteration (``NotImplementedError``; one UNet plays three roles here). :class:`LiveMemory` keeps its method —
-a dispatch mode that follows storages until they are freed — without the per-module bookkeeping.
+per iteration (``NotImplementedError``; one UNet plays three roles here). :class:`~.live_memory.LiveMemory` keeps its
+method without the per-module bookkeeping.
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..runtime import DTYPES
 from .components import SIZES, ModelSize, build_pickscore_reward, build_text_encoders, build_unet, build_vae
+from .live_memory import PARTS, LiveMemory
 from .report import SuiteResult, markdown_table
 from .settings import TRAINING_LAYOUTS, BenchSettings
 
@@ -124,9 +123,6 @@ def fsdp_full_finetuning_memory_gb(num_gpus: int, counts: dict[str, int] | None 
 
 # -- the peak of one DI* iteration, computed on fake tensors ---------------------------------------------------------
 
-#: What the peak is made of. "activations" holds everything else that is live: saved activations, temporaries (the
-#: optimiser step's too), autocast's bf16 copies of float32 weights, inputs, the clipping norms.
-PARTS = ("weights", "gradients", "optimizer states", "activations")
 #: FSDP2 all-gathers each wrapped block's parameters (bf16) around its use: this part of the per-GPU figures.
 ALL_GATHER = "FSDP all-gather"
 #: ``adamw``: torch's AdamW (two float32 moments). ``adamw8bit``: the trainer's ``--use_8bit_adam``
@@ -201,68 +197,6 @@ class MemoryEstimate:
 
     def peak(self, gpus: int = 1) -> int:
         return sum(self.per_gpu[gpus].values())
-
-
-class LiveMemory(TorchDispatchMode):
-    """Bytes of every live tensor storage by part, and the peak of their sum per GPU for each of ``gpus``.
-
-    A storage is counted once (views share it) from the op that creates it until it is freed (a weak reference's
-    callback), under the part set by :meth:`add` / :meth:`relabel` or, for an op's output, :attr:`phase` (part,
-    sharded). A storage with ``sharded`` set counts 1/N on each of N GPUs (FSDP2's parameters, gradients, optimiser
-    states and the step's temporaries); the others count whole on every GPU. Tensors created outside the mode and
-    never added are not seen.
-    """
-
-    def __init__(self, gpus: Sequence[int] = (1,)):
-        super().__init__()
-        self.phase = ("activations", False)
-        self._live: dict[int, list] = {}  # id(storage) -> [part, bytes, sharded, weak reference]
-        self._whole = dict.fromkeys(PARTS, 0)
-        self._sharded = dict.fromkeys(PARTS, 0)
-        self.peaks = {n: dict.fromkeys(PARTS, 0) for n in gpus}
-        self._peak_totals = dict.fromkeys(gpus, 0)
-
-    def _count(self, entry: list, sign: int) -> None:
-        part, size, sharded, _ = entry
-        (self._sharded if sharded else self._whole)[part] += sign * size
-
-    def _free(self, key: int) -> None:
-        self._count(self._live.pop(key), -1)
-
-    def add(self, tensor: torch.Tensor, part: str, sharded: bool = False) -> None:
-        """Count ``tensor``'s storage under ``part`` unless it is counted already."""
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._live:
-            return
-        entry = [part, storage.nbytes(), sharded, weakref.ref(storage, lambda _, key=key: self._free(key))]
-        self._live[key] = entry
-        self._count(entry, +1)
-        self._update_peaks()
-
-    def relabel(self, tensor: torch.Tensor, part: str, sharded: bool) -> None:
-        """Move ``tensor``'s storage to ``part`` (a gradient is an op's output before it lands in ``.grad``)."""
-        entry = self._live.get(id(tensor.untyped_storage()))
-        if entry is None:
-            self.add(tensor, part, sharded)
-            return
-        self._count(entry, -1)
-        entry[0], entry[2] = part, sharded
-        self._count(entry, +1)
-
-    def _update_peaks(self) -> None:
-        whole, sharded = sum(self._whole.values()), sum(self._sharded.values())
-        for n, best in self._peak_totals.items():
-            if whole + sharded / n > best:
-                self._peak_totals[n] = whole + sharded / n
-                self.peaks[n] = {part: round(self._whole[part] + self._sharded[part] / n) for part in PARTS}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.add(tensor, *self.phase)
-        return out
 
 
 class _AdamW8bitStates(torch.optim.Optimizer):
