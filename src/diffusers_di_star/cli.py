@@ -287,8 +287,10 @@ def _add_bench_parser(subparsers) -> None:
         description="flops: FLOP counts of the SDXL modules (meta device). inference: the peer recipe (SDXL + "
         "LCMScheduler, timesteps=[399]), our pipeline with default and fast settings, the floor (modules called "
         "directly) and SDXL base at 50 steps with CFG, side by side. training: one DI* iteration, three-in-one LoRA "
-        "vs three separate UNets. Full-size modules on CUDA; a reduced size on CPU, for ratios only. Prints a "
-        "Markdown report. See docs/benchmarks.md.",
+        "vs three separate UNets. Full-size modules on CUDA; a reduced size on CPU, for ratios only. memory (not part "
+        "of all): the peak memory of one DI* iteration at full size, computed on fake tensors without allocating it, "
+        "for every combination of the listed layouts, batches, precisions, optimizers and checkpointing, per GPU "
+        "under FSDP2 (--gpus). Prints a Markdown report. See docs/benchmarks.md.",
     )
     p.add_argument("suite", nargs="?", default="all", choices=_BENCH_SUITES, help="default: all")
     p.add_argument("--quick", action="store_true", help="smoke run: reduced modules at 64², one call each")
