@@ -20,6 +20,7 @@ import torch
 
 from diffusers_di_star.benchmarking import SIZES, BenchSettings, Measurement, gpu_report
 from diffusers_di_star.benchmarking.components import build_unet
+from diffusers_di_star.benchmarking.memory import MemoryEstimate
 from diffusers_di_star.benchmarking.rows import (
     ERROR,
     OK,
@@ -311,8 +312,15 @@ def gpu_report_on_cpu(tmp_path_factory):
     # machine is (on a busy 2-core machine a row once ran past its 30 s), so the test never depends on its speed.
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
         patch.setattr(gpu_report, "LIMITS", dict.fromkeys(gpu_report.LIMITS, 24 * 3600))
+        # the estimator itself is checked against a real run in tests/test_memory.py; here, where its figure goes
+        patch.setattr(gpu_report, "estimate_iteration_memory", _stub_estimate)
         assert gpu_report.main([*argv, "--compile-mode", "none", "--budget", "86400", "--out", str(out)]) == 0
     return out, printed.getvalue()
+
+
+def _stub_estimate(setting, gpus=(1,)):
+    parts = {"weights": 3 * 2**30, "gradients": 0, "optimizer states": 2**30, "activations": setting.batch_size}
+    return MemoryEstimate(setting, {1: parts | {"weights": parts["weights"] * (2 if setting.layout == "full" else 1)}})
 
 
 def test_gpu_report_script_runs_the_report_from_this_checkout_offline(tmp_path):
@@ -345,6 +353,7 @@ def test_gpu_report_runs_every_row_and_saves_the_records(gpu_report_on_cpu):
             for layout, bs in (("three-in-one", (1, 2, 4)), ("full", (1, 2)))
             for b in bs
         ),
+        "computed memory",
     ]  # no compiled rows (--compile-mode none) and no largest-batch search on a CPU
     assert all(row["status"] == OK for row in document["rows"]), document["rows"]
     records = {row["row"]: row["records"] for row in document["rows"]}
@@ -406,6 +415,16 @@ def test_gpu_report_tables_hold_the_ratios_of_the_saved_timings(gpu_report_on_cp
     }
     for row in training:
         assert row["static (computed)"] == f"{static[row['layout']] / 2**30:.2f} GiB"
+    # the estimator's peak beside the measured one, for the settings it computed (the stub: 4 or 7 GiB + batch bytes)
+    computed = {(row["layout"], row["batch"]): row["peak (computed)"] for row in training}
+    assert computed == {
+        ("three-in-one", "1"): "4.00 GiB",
+        ("three-in-one", "2"): "n/a",
+        ("three-in-one", "4"): "n/a",
+        ("full", "1"): "7.00 GiB",
+        ("full", "2"): "n/a",
+    }
+    assert {row["measured ÷ computed"] for row in training} == {"n/a"}  # a CPU measures no peak
 
 
 def test_gpu_report_marks_rows_that_did_not_finish():

@@ -280,7 +280,7 @@ def _cmd_eval(args) -> None:
     print("\n".join(f"{kind}: {path}" for kind, path in result.files.items()))
 
 
-_BENCH_SUITES = ("all", "flops", "inference", "training")
+_BENCH_SUITES = ("all", "flops", "inference", "training", "memory")
 _BENCH_OPTIONS = ("size", "resolution", "warmup", "repeats", "compile_mode", "sdxl_steps", "layouts")
 _BENCH_OPTIONS += ("assistant_updates", "reward", "seed")
 
@@ -302,8 +302,10 @@ def _add_bench_parser(subparsers) -> None:
         description="flops: FLOP counts of the SDXL modules (meta device). inference: the peer recipe (SDXL + "
         "LCMScheduler, timesteps=[399]), our pipeline with default and fast settings, the floor (modules called "
         "directly) and SDXL base at 50 steps with CFG, side by side. training: one DI* iteration, three-in-one LoRA "
-        "vs three separate UNets. Full-size modules on CUDA; a reduced size on CPU, for ratios only. Prints a "
-        "Markdown report. See docs/benchmarks.md.",
+        "vs three separate UNets. Full-size modules on CUDA; a reduced size on CPU, for ratios only. memory (not part "
+        "of all): the peak memory of one DI* iteration at full size, computed on fake tensors without allocating it, "
+        "for every combination of the listed layouts, batches, precisions, optimizers and checkpointing, per GPU "
+        "under FSDP2 (--gpus). Prints a Markdown report. See docs/benchmarks.md.",
     )
     p.add_argument("suite", nargs="?", default="all", choices=_BENCH_SUITES, help="default: all")
     p.add_argument("--quick", action="store_true", help="smoke run: reduced modules at 64², one call each")
@@ -334,13 +336,56 @@ def _add_bench_parser(subparsers) -> None:
         help="search the largest training batch that fits (default: on CUDA)",
     )
     p.add_argument("--seed", type=int, default=None)
+    memory = p.add_argument_group("memory (computed without allocating it; full size by default)")
+    memory.add_argument("--precision", type=_comma_list(str), default=("bf16",), help="frozen weights: bf16,fp32")
+    memory.add_argument("--optimizer", type=_comma_list(str), default=("adamw",), help="adamw,adamw8bit")
+    memory.add_argument("--gradient-checkpointing", type=_comma_list(str), default=("on",), help="on,off (default on)")
+    memory.add_argument("--gpus", type=_comma_list(int), default=(1,), help="FSDP2 over N GPUs, e.g. 1,2,4,8")
     p.add_argument("--out", default=None, help="also write report.md and one JSON of raw records per suite here")
     p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench_memory(args) -> None:
+    from .benchmarking.components import SIZES
+    from .benchmarking.memory import MemorySetting, run_memory_benchmark
+    from .benchmarking.report import write
+    from .benchmarking.runner import _quiet
+
+    checkpointing = {"on": True, "off": False}
+    unknown = sorted(set(args.gradient_checkpointing) - set(checkpointing))
+    if unknown:
+        raise CLIError(f"--gradient-checkpointing takes on,off, got {','.join(unknown)}.")
+    size = SIZES[args.size or "full"]
+    grid = itertools.product(
+        args.layouts or ("three-in-one",),
+        args.training_batch_sizes or (1,),
+        args.precision,
+        args.optimizer,
+        args.gradient_checkpointing,
+    )
+    try:
+        resolution, reward = args.resolution or size.resolution, args.reward is not False
+        settings = [
+            MemorySetting(layout, batch, resolution, dtype, optimizer, checkpointing[ckpt], reward, size)
+            for layout, batch, dtype, optimizer, ckpt in grid
+        ]
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    print(f"di-star bench memory: {len(settings)} setting(s), SDXL {size.name} on fake tensors ...", file=sys.stderr)
+    with _quiet():
+        result = run_memory_benchmark(settings, tuple(args.gpus))
+    report = "\n\n".join([f"### {result.title}", *result.tables, "\n".join(f"- {n}" for n in result.notes)]) + "\n"
+    print(report, end="")
+    for path in write([result], report, args.out) if args.out is not None else []:
+        print(f"wrote {path}")
 
 
 def _cmd_bench(args) -> None:
     from .benchmarking import SUITES, BenchSettings, run_benchmarks
 
+    if args.suite == "memory":
+        _cmd_bench_memory(args)
+        return
     options = {name: getattr(args, name) for name in _BENCH_OPTIONS}
     options |= {
         "inference_batch_sizes": args.batch_sizes,
@@ -430,6 +475,7 @@ _NUMBER_RANGES = {
     "assistant_updates": (1, None),
     "batch_sizes": (1, None),
     "training_batch_sizes": (1, None),
+    "gpus": (1, None),
 }
 
 

@@ -5,7 +5,8 @@ on a GPU, a reduced size on a CPU, where only the ratios mean something. Suites:
 device), ``inference`` (the peer recipe, our pipeline default and fast, the floor, SDXL base at 50 steps) and
 ``training`` (one DI* iteration, three-in-one LoRA vs three separate UNets). :mod:`.gpu_report`
 (``benchmarks/gpu_report.sh``) runs what a GPU must measure as rows with time limits within one budget, and
-:mod:`.memory` computes static training memory on the meta device. Results: ``docs/benchmarks.md``.
+:mod:`.memory` computes training memory without allocating it (``di-star bench memory``: the peak of one DI*
+iteration on fake tensors; the static part on the meta device). Results: ``docs/benchmarks.md``.
 
 >>> from diffusers_di_star.benchmarking import BenchSettings, run_benchmarks
 >>> report, _ = run_benchmarks(["inference"], BenchSettings.resolve(quick=True))  # doctest: +SKIP

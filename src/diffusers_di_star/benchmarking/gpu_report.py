@@ -10,7 +10,9 @@ each row has a time limit, an out-of-memory error is a result, and ``gpu_report.
    to the fast settings but not compiled, ``floor``, ``fast`` and ``fast-tiny-vae``; then the same compiled, batch 1;
 3. training: three-in-one LoRA at batch 1, 2, 4 and the largest LoRA batch that fits (CUDA only; doubling then
    bisection, cut by its time limit, keeping the probes it finished); full finetuning at batch 1, 2; peak memory each;
-4. the compiled rows at batch 4 (a second compilation, since shapes are static), with what is left of the budget.
+4. the computed peak memory (:func:`~.memory.estimate_iteration_memory`, fake tensors on the host CPU) of the
+   three-in-one and full rows at batch 1, shown beside their measured peaks;
+5. the compiled rows at batch 4 (a second compilation, since shapes are static), with what is left of the budget.
 
 Each inference row records its first (cold) call apart, since compilation happens there. Going from inference to
 training (or back) frees every module of the other phase, so each peak-memory figure holds its own phase's modules.
@@ -36,7 +38,7 @@ from . import inference
 from .components import build_pickscore_reward, build_text_encoders, build_vae
 from .flops import _DESCRIPTIONS, DOCUMENTED_TFLOP, count_flops
 from .measure import Measurement, describe_device, free_memory, software_versions
-from .memory import static_training_memory
+from .memory import MemorySetting, estimate_iteration_memory, static_training_memory
 from .report import NOT_AVAILABLE, format_memory, format_ratio, markdown_table
 from .rows import ERROR, OK, Row, RowRunner
 from .runner import _quiet
@@ -65,7 +67,10 @@ LIMITS = {
     "inference compiled": 180,
     "training": 60,
     "largest batch": 45,
+    "computed memory": 240,
 }
+#: The training rows whose peak memory the estimator computes beside the measurement (``computed memory`` row).
+COMPUTED_SETTINGS = ((LORA, 1), (FULL, 1))
 
 
 class GpuReport:
@@ -162,6 +167,14 @@ class GpuReport:
 
         _largest_batch(self._training_iteration(LORA), self.training_settings, self._lora_measured, on_probe)
 
+    def _computed_memory(self, emit) -> None:
+        s = self.training_settings
+        for layout, batch_size in COMPUTED_SETTINGS:
+            setting = MemorySetting(layout, batch_size, s.resolution, reward=s.reward, size=s.size)
+            estimate = estimate_iteration_memory(setting)
+            record = {"kind": "computed memory", "layout": layout, "batch_size": batch_size}
+            emit(record | {"peak_bytes": estimate.peak()} | estimate.per_gpu[1])
+
     def rows(self) -> list[Row]:
         """Every row, in running order (see the module docstring)."""
         s = self.settings
@@ -188,6 +201,7 @@ class GpuReport:
             ]
             if layout == LORA and s.device.type == "cuda":  # while the LoRA networks are resident
                 rows.append(Row("largest batch", self._largest_batch, LIMITS["largest batch"]))
+        rows.append(Row("computed memory", self._computed_memory, LIMITS["computed memory"]))
         return rows + compiled[1:]
 
 
@@ -284,11 +298,14 @@ def _inference_table(document: dict) -> str:
 
 def _training_table(document: dict) -> str:
     static = {r["layout"]: r["total"] for r in _records(document, "static memory")}
+    computed = {(r["layout"], r["batch_size"]): r["peak_bytes"] for r in _records(document, "computed memory")}
     rows = []
     for r in _records(document, "training"):
         batch, peak, kind = r["batch_size"], r["peak_memory_bytes"], "probe" if r.get("probe") else "measured"
+        estimate = computed.get((r["layout"], batch))
         if not r["fits"]:
-            rows.append((r["layout"], batch, kind, "OOM", "OOM", "OOM", _gib(static.get(r["layout"])), NOT_AVAILABLE))
+            row = (r["layout"], batch, kind, "OOM", "OOM", "OOM", _gib(static.get(r["layout"])), NOT_AVAILABLE)
+            rows.append(row + (_gib(estimate), NOT_AVAILABLE))
             continue
         seconds = r["seconds_per_iteration"]
         above = None if peak is None or r["layout"] not in static else peak - static[r["layout"]]
@@ -302,10 +319,12 @@ def _training_table(document: dict) -> str:
                 _gib(peak),
                 _gib(static.get(r["layout"])),
                 _gib(above),
+                _gib(estimate),
+                format_ratio(None if peak is None or estimate is None else peak / estimate),
             )
         )
     headers = ("layout", "batch", "run", "s/iteration", "s/image", "peak memory", "static (computed)")
-    return markdown_table(headers + ("peak − static",), rows)
+    return markdown_table(headers + ("peak − static", "peak (computed)", "measured ÷ computed"), rows)
 
 
 def _largest_line(document: dict) -> str | None:

@@ -32,17 +32,25 @@ _LEARNING_RATE, _MAX_GRAD_NORM = 1e-5, 1.0
 MAX_BATCH_SEARCHED = 64
 
 
-def build_networks(layout: str, config: DIStarConfig, settings: BenchSettings) -> DIStarNetworks:
-    """The three DI* networks in ``layout`` (:data:`~.settings.TRAINING_LAYOUTS`), checkpointed, random weights."""
-    reference = build_unet(settings.size, settings.device, TRAINING_DTYPE, settings.seed)
+def build_networks(
+    layout: str,
+    config: DIStarConfig,
+    settings: BenchSettings,
+    dtype: torch.dtype = TRAINING_DTYPE,
+    gradient_checkpointing: bool = True,
+) -> DIStarNetworks:
+    """The three DI* networks in ``layout`` (:data:`~.settings.TRAINING_LAYOUTS`), random weights, frozen ones in
+    ``dtype``, checkpointed unless ``gradient_checkpointing`` is off (the memory estimate varies both)."""
+    reference = build_unet(settings.size, settings.device, dtype, settings.seed)
     if layout == "three-in-one":
-        return setup_networks(config, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)
+        return setup_networks(config, reference, None, dtype, gradient_checkpointing=gradient_checkpointing)
     if layout == "full":
-        full = dataclasses.replace(config, use_lora=False)
-        return setup_networks(full, reference, None, TRAINING_DTYPE, gradient_checkpointing=True)  # reference too
+        full = dataclasses.replace(config, use_lora=False)  # the reference is checkpointed too
+        return setup_networks(full, reference, None, dtype, gradient_checkpointing=gradient_checkpointing)
     generator, frozen_reference = copy.deepcopy(reference), copy.deepcopy(reference)
-    frozen_reference.enable_gradient_checkpointing()
-    networks = setup_networks(config, reference, generator, TRAINING_DTYPE, gradient_checkpointing=True)
+    if gradient_checkpointing:
+        frozen_reference.enable_gradient_checkpointing()
+    networks = setup_networks(config, reference, generator, dtype, gradient_checkpointing=gradient_checkpointing)
     return dataclasses.replace(networks, reference_unet=frozen_reference)
 
 
