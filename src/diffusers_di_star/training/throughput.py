@@ -18,10 +18,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..families.sdxl import SDXLConditioning, SDXLFamily
 from ..one_step import decode_latents
 from .config import DIStarConfig
 from .models import DIStarNetworks, setup_networks
-from .steps import VAE_SCALE_FACTOR, Conditioning, assistant_loss, generator_loss
+from .steps import assistant_loss, generator_loss
 
 __all__ = ["PEAK_TFLOPS", "FlopCounter", "iteration_flops", "peak_flops"]
 
@@ -52,11 +53,11 @@ def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
 def iteration_flops(
     networks: DIStarNetworks,
     config: DIStarConfig,
-    cond: Conditioning,
+    cond: SDXLConditioning,
     alphas_cumprod: torch.Tensor,
     vae: torch.nn.Module | None = None,
 ) -> int:
-    """Model FLOPs of one DI* iteration for ONE image (they scale with the batch), counted on the meta device.
+    """Model FLOPs of one DI* iteration for ONE image of an SDXL-layout model, counted on the meta device.
 
     ``networks`` gives the layout and the UNets' configs, ``cond`` the conditioning's shapes (its first sample is
     used); ``vae`` is needed when ``config.reward_scale > 0``.
@@ -67,7 +68,7 @@ def iteration_flops(
         distinct = networks.generator_unet is not networks.reference_unet
         generator = _empty_copy(networks.generator_unet) if distinct else None
         copies = setup_networks(config, reference, generator)
-    one = Conditioning(*(torch.empty((1, *t.shape[1:]), device=meta) for t in cond._tensors()))
+    one = SDXLConditioning(*(torch.empty((1, *t.shape[1:]), device=meta) for t in cond._tensors()))
     alphas_cumprod = alphas_cumprod.to(meta, torch.float32)
     no_reward = dataclasses.replace(config, reward_scale=0.0)  # the reward model is not counted; its decode is
     with FlopCounter() as assistant_count, sdpa_kernel(SDPBackend.MATH):  # the K_TA assistant updates cost the same
@@ -77,7 +78,7 @@ def iteration_flops(
         if config.reward_scale > 0:
             with meta:
                 decoder = _empty_copy(vae).requires_grad_(False)
-            size = config.resolution // VAE_SCALE_FACTOR
+            size = config.resolution // SDXLFamily.vae_scale_factor
             x0 = torch.empty(1, decoder.config.latent_channels, size, size, device=meta, requires_grad=True)
             decode_latents(decoder, x0).sum().backward()
     return config.assistant_updates_per_step * assistant_count.get_total_flops() + generator_count.get_total_flops()
