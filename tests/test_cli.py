@@ -37,7 +37,7 @@ def test_generate_offline_hub_id_is_one_clear_line(tmp_path):
     # Exactly one line of ours (an optional package may print lines of its own; they are not counted).
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("di-star generate: error: ")]
     assert line.startswith("di-star generate: error: --model 'XDG-XHS/distar_long_1step': not in the local Hugging")
-    assert "hf download XDG-XHS/distar_long_1step" in line and "an SDXL-layout folder" in line
+    assert "hf download XDG-XHS/distar_long_1step" in line and "a Diffusers pipeline folder" in line
     assert "Traceback" not in result.stderr
 
 

@@ -83,7 +83,7 @@ def test_before_after_uses_the_same_seed_on_both_models(tiny_sdxl_dir, tmp_path,
         ({"width": 4096, "height": 4096}, "above this app's limit of 4,194,304 pixels"),
         ({"num_images": 9}, "Images per request must be in [1, 8], got 9"),
         ({"seed": -1}, "The seed must be in [0, 4294967295]"),
-        ({"model": "./no/such/folder"}, "a model './no/such/folder' is neither a local folder nor a Hub id"),
+        ({"model": "./no/such/folder"}, "a model './no/such/folder': no such file or folder"),
     ],
 )
 def test_bad_requests_are_one_message_before_any_model_loads(change, message):

@@ -318,7 +318,7 @@ def test_each_step_logs_every_loss_term_the_reward_and_both_grad_norms_and_lrs(
     for _, values in logged:
         assert set(values) == {
             "assistant_loss", "generator_loss", "reward_loss", "divergence_loss", "cfg_reward_loss", "reward",
-            "assistant_grad_norm", "generator_grad_norm", "lr", "assistant_lr",
+            "assistant_grad_norm", "generator_grad_norm", "lr", "assistant_lr", "images_per_second",
         }  # fmt: skip
         assert all(isinstance(value, float) and math.isfinite(value) for value in values.values()), values
 

@@ -17,6 +17,8 @@ DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "training.md")
 
 def settings(trainer, tmp_path, model, *extra):
     args = trainer.parse_args(train_args(model, "p.txt", tmp_path / "o", *extra))
+    trainer.check_args(args)
+    trainer.resolve_family_defaults(args)  # t* and LoRA targets, as the trainer resolves them before comparing
     return json.loads(json.dumps(resume_settings(args)))
 
 
