@@ -204,7 +204,7 @@ def environment() -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "machine": f"{platform.machine()}, {available_cores()} cores, torch threads {torch.get_num_threads()}",
     }
 
 

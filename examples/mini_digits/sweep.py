@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reward–fidelity–diversity frontiers of DI*, DI++ and L2 on the MNIST mini study: an α_rew sweep, 3 seeds.
 
-    python examples/mini_digits/sweep.py --out outputs/mini_sweep --jobs 2   # docs/mini_study.md's frontiers
+    python examples/mini_digits/sweep.py --out outputs/mini_digits --jobs 2  # docs/mini_study.md frontiers
     python examples/mini_digits/sweep.py --quick --out outputs/sweep_quick   # 4 short runs (tests)
 
 Every method of :data:`SWEEP` is trained at each of its α_rew values (α_rew = 0 is that divergence's pure
@@ -97,14 +97,13 @@ def run_sweep(out: str, settings: run.StudySettings, sweep=SWEEP, cache: str | N
             metrics, _ = study.score(study.reference, seed, reference_steps, guidance)
             rows.append({"method": REFERENCE, "alpha_rew": None, "seed": seed, **metrics, "train_s": None})
             write_rows(csv_path, rows)
-    # Seed by seed, each method's whole α_rew range in turn: a sweep stopped early holds whole frontiers.
-    todo = [
-        (alpha, method, seed)
-        for seed in settings.seeds
-        for method, (_, alphas) in sweep.items()
-        for alpha in alphas
-        if (method, float(alpha), seed) not in done
-    ]
+    # Seed by seed, and within a seed α_rew outwards from 0 for every method at once: a sweep stopped early has
+    # comparable ranges for every method.
+    todo = sorted(
+        ((alpha, method, seed) for method, (_, alphas) in sweep.items() for alpha in alphas for seed in settings.seeds
+         if (method, float(alpha), seed) not in done),
+        key=lambda job: (job[2], sorted(sweep[job[1]][1]).index(job[0]), list(sweep).index(job[1])),
+    )  # fmt: skip
     all_args = [
         study.trainer_args(
             run_name(method, alpha), seed, sweep[method][0], dataclasses.replace(settings, reward_scale=alpha)
@@ -133,7 +132,7 @@ def _record_session(out: str, seconds: float, runs: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = run.study_parser(__doc__.split("\n")[0], "outputs/mini_sweep")
+    parser = run.study_parser(__doc__.split("\n")[0], "outputs/mini_digits")
     parser.add_argument(
         "--methods", nargs="+", choices=sorted(SWEEP), default=None, help="Sweep only these methods (default all)."
     )
