@@ -97,7 +97,7 @@ def test_quick_study_trains_the_reference_and_di_star_distils_it(tmp_path, refer
 
 def test_quick_sweep_reward_beats_alpha_zero_and_a_killed_sweep_resumes(tmp_path, reference_cache, monkeypatch):
     """The sweep's quick variant: DI* at α_rew = 100 against α_rew = 0, same seed, steps and everything else."""
-    grid = {"DI* pseudo-Huber c=1": (sweep.SWEEP["DI* pseudo-Huber c=1"][0], (0, 100))}
+    grid = sweep.QUICK_SWEEP  # DI* pseudo-Huber c = 1 at α_rew = 0 and 100
     out = str(tmp_path)
     rows = sweep.run_sweep(out, STUDY, grid, cache=reference_cache)
     reward = {r["alpha_rew"]: r["reward"] for r in rows}

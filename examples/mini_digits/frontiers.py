@@ -94,7 +94,7 @@ def format_tables(rows: list[dict]) -> str:
         seeds[(row["method"], row["alpha_rew"])] = seeds.get((row["method"], row["alpha_rew"]), 0) + 1
     for method, by_alpha in points(rows).items():
         for alpha, m in by_alpha.items():
-            name = f"{alpha:g}" if alpha is not None else "– (25 steps, CFG)"
+            name = f"{alpha:g}" if alpha is not None else "–"
             lines.append(
                 f"| {method} | {name} | {seeds[(method, alpha)]} | {_cell(m['reward'], 4)} | {_cell(m['fd'], 2)} | "
                 f"{_cell(m['diversity'], 2)} | {_cell(m['accuracy'], 1)} |"
@@ -146,3 +146,15 @@ def write(rows: list[dict], out: str) -> None:
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write(format_tables(rows))
     plot(rows, os.path.join(out, "frontier.png"))
+
+
+if __name__ == "__main__":  # python examples/mini_digits/frontiers.py OUT: redraw from OUT/sweep.csv, no training
+    import argparse
+
+    from sweep import read_rows
+
+    parser = argparse.ArgumentParser(description="Redraws OUT/frontier.md and OUT/frontier.png from OUT/sweep.csv.")
+    parser.add_argument("out")
+    out = parser.parse_args().out
+    write(read_rows(os.path.join(out, "sweep.csv")), out)
+    print(open(os.path.join(out, "frontier.md")).read())
