@@ -125,9 +125,10 @@ def plot(rows: list[dict], path: str) -> None:
         for ax, key in zip(axes, ("fd", "diversity"), strict=True):
             ys = [m[key] for m in by_alpha.values()]
             style = {"marker": "*", "markersize": 12, "linestyle": "none"} if None in by_alpha else {"marker": "o"}
+            label = f"{method} (multi-step sampler, CFG)" if None in by_alpha else method
             ax.errorbar(
                 [x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
-                label=method, capsize=2, markersize=style.pop("markersize", 4), **style,
+                label=label, capsize=2, markersize=style.pop("markersize", 4), **style,
             )  # fmt: skip
     for level in matched_levels(rows):
         for ax in axes:

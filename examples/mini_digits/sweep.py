@@ -33,7 +33,7 @@ SWEEP = {
     "DI* pseudo-Huber c=10": (["--divergence", "pseudo_huber", "--huber_c", "10"], (0, 10, 30)),
 }
 QUICK_SWEEP = {"DI* pseudo-Huber c=1": (SWEEP["DI* pseudo-Huber c=1"][0], (0, 100))}  # 2 runs: the tests' sweep
-REFERENCE = "reference, 25 steps, CFG"  # the reference rows: its multi-step sampler with CFG, per seed
+REFERENCE = "reference"  # the reference rows: its multi-step sampler with CFG (25 steps), per seed
 FIELDS = ("method", "alpha_rew", "seed", "accuracy", "fd", "diversity", "reward", "images_per_s", "train_s")
 
 
