@@ -355,7 +355,8 @@ def available_cores() -> int:
 
 
 def set_threads(jobs: int) -> int:
-    """Caps ``jobs`` at the available cores and gives each job cores // jobs torch threads; returns the jobs.
+    """Caps ``jobs`` at the available cores and gives each job cores // jobs torch threads (at most
+    ``OMP_NUM_THREADS`` when that is set); returns the jobs.
 
     Torch's default (one thread per core in *every* process) oversubscribes a shared machine: ``--quick`` with the
     default threads was still building its reference after 37 min on a loaded 2-core machine, 161 s with one thread.
@@ -364,7 +365,10 @@ def set_threads(jobs: int) -> int:
     if jobs > cores:
         print(f"--jobs {jobs}: this machine gives {cores} cores, so {cores} trainer runs at a time.")
         jobs = cores
-    torch.set_num_threads(max(1, cores // jobs))
+    threads = max(1, cores // jobs)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # an explicit cap still applies
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
+    torch.set_num_threads(threads)
     return jobs
 
 

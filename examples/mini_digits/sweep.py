@@ -32,7 +32,8 @@ SWEEP = {
     "DI* L2": (["--divergence", "l2"], (0, 30, 100)),
     "DI* pseudo-Huber c=10": (["--divergence", "pseudo_huber", "--huber_c", "10"], (0, 10, 30)),
 }
-QUICK_SWEEP = {"DI* pseudo-Huber c=1": (SWEEP["DI* pseudo-Huber c=1"][0], (0, 100))}  # 2 runs: the tests' sweep
+#: The tests' sweep, 2 runs: at α_rew = 10⁴ the reward term dominates, so its effect shows within 10 short steps.
+QUICK_SWEEP = {"DI* pseudo-Huber c=1": (SWEEP["DI* pseudo-Huber c=1"][0], (0, 10000))}
 REFERENCE = "reference"  # the reference rows: its multi-step sampler with CFG (25 steps), per seed
 FIELDS = ("method", "alpha_rew", "seed", "accuracy", "fd", "diversity", "reward", "images_per_s", "train_s")
 
