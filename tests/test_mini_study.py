@@ -146,7 +146,10 @@ def test_frontiers_interpolate_at_rewards_every_method_reaches():
     )
     assert frontiers.read_at(rows[:3], 0.5, "fd") is None  # beyond the frontier: never extrapolated
     assert frontiers.matched_levels(rows[:2] + rows[5:7]) == pytest.approx([0.14, 0.16, 0.18])
-    assert frontiers.matched_levels([_row("A", 0.0, 0, 0.1, 1.0), _row("B", 0.0, 0, 0.2, 1.0)]) == []
+    disjoint = [_row("A", 0.0, 0, 0.1, 1.0), _row("A", 1.0, 0, 0.15, 1.0), _row("B", 0.0, 0, 0.2, 1.0)]
+    assert frontiers.matched_levels(disjoint + [_row("B", 1.0, 0, 0.3, 1.0)]) == []
+    # A seed with one finished run has no frontier: it neither narrows the range nor is read.
+    assert frontiers.matched_levels(rows + [_row("B", 0.0, 1, 0.5, 1.0)]) == pytest.approx([0.165, 0.21, 0.255])
 
 
 @pytest.mark.parametrize(

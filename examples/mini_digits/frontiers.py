@@ -3,7 +3,8 @@
 A method's frontier is its runs ordered by α_rew. At a reward level r, a seed's FD (or diversity, accuracy) is read
 off that seed's frontier by linear interpolation between the two α_rew values whose rewards bracket r (the first
 such pair from α_rew = 0); the table gives the mean ± std of those values over seeds. The levels are spread over
-the rewards that every seed of every method reaches, so no value is extrapolated.
+the rewards that every seed of every method reaches, so no value is extrapolated. A seed with a single finished run
+(a sweep stopped early) counts in the per-α_rew means but has no frontier to read.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _curves(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    """(method, seed) -> that seed's runs ordered by α_rew (the reference rows are not a curve)."""
+    """(method, seed) -> that seed's runs ordered by α_rew, for seeds with 2 runs or more (a frontier; the reference
+    rows and a seed of an unfinished sweep with one run are not)."""
     curves = {}
     for row in rows:
         if row["alpha_rew"] is not None:
             curves.setdefault((row["method"], row["seed"]), []).append(row)
-    return {key: sorted(runs, key=lambda r: r["alpha_rew"]) for key, runs in curves.items()}
+    return {key: sorted(runs, key=lambda r: r["alpha_rew"]) for key, runs in curves.items() if len(runs) > 1}
 
 
 def points(rows: list[dict]) -> dict[str, dict[float, dict[str, tuple[float, float]]]]:
@@ -58,6 +60,8 @@ def read_at(curve: list[dict], level: float, key: str) -> float | None:
 def matched_levels(rows: list[dict], count: int = 3) -> list[float]:
     """``count`` rewards evenly inside the range every (method, seed) frontier spans; [] if the ranges miss."""
     curves = _curves(rows).values()
+    if not curves:
+        return []
     low = max(min(r["reward"] for r in curve) for curve in curves)
     high = min(max(r["reward"] for r in curve) for curve in curves)
     if low >= high:
