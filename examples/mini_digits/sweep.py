@@ -30,7 +30,7 @@ SWEEP = {
     "DI* pseudo-Huber c=1": (["--divergence", "pseudo_huber", "--huber_c", "1"], (0, 3, 10)),
     "DI++ (KL)": (["--divergence", "kl"], (0, 30, 100)),
     "DI* L2": (["--divergence", "l2"], (0, 30, 100)),
-    "DI* pseudo-Huber c=10": (["--divergence", "pseudo_huber", "--huber_c", "10"], (0, 10, 30)),
+    "DI* pseudo-Huber c=10": (["--divergence", "pseudo_huber", "--huber_c", "10"], (0, 3, 10)),
 }
 #: The tests' sweep, 2 runs: at α_rew = 10⁴ the reward term dominates, so its effect shows within 10 short steps.
 QUICK_SWEEP = {"DI* pseudo-Huber c=1": (SWEEP["DI* pseudo-Huber c=1"][0], (0, 10000))}
