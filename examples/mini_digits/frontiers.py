@@ -156,10 +156,15 @@ def write(rows: list[dict], out: str) -> None:
 if __name__ == "__main__":  # python examples/mini_digits/frontiers.py OUT: redraw from OUT/sweep.csv, no training
     import argparse
 
-    from sweep import read_rows
+    from sweep import REFERENCE, read_rows
 
     parser = argparse.ArgumentParser(description="Redraws OUT/frontier.md and OUT/frontier.png from OUT/sweep.csv.")
     parser.add_argument("out")
-    out = parser.parse_args().out
-    write(read_rows(os.path.join(out, "sweep.csv")), out)
-    print(open(os.path.join(out, "frontier.md")).read())
+    parser.add_argument("--methods", nargs="+", help="Only print the tables of these methods (matched among them).")
+    args = parser.parse_args()
+    rows = read_rows(os.path.join(args.out, "sweep.csv"))
+    if args.methods:
+        print(format_tables([r for r in rows if r["method"] in (REFERENCE, *args.methods)]))
+    else:
+        write(rows, args.out)
+        print(open(os.path.join(args.out, "frontier.md")).read())
