@@ -1,7 +1,6 @@
 # Copyright 2026 The diffusers-di-star authors. Licensed under the Apache License, Version 2.0.
 """`DIStarSDPipeline`: one-step text-to-image with a DI* (or DMD2-style) SD1.5 / SD2.x generator."""
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,13 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, generate_x0
-from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS, DIStarSDXLPipeline, as_lcm_scheduler
+from .pipeline_di_star_sdxl import (
+    MAX_BATCH_SIZE,
+    MAX_IMAGE_PIXELS,
+    DIStarSDXLPipeline,
+    StandardFolderMixin,
+    as_lcm_scheduler,
+)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -39,7 +44,7 @@ IGNORED_SD_ARGUMENTS = (
 )
 
 
-class DIStarSDPipeline(StableDiffusionPipeline):
+class DIStarSDPipeline(StandardFolderMixin, StableDiffusionPipeline):
     r"""
     One-step text-to-image generation with an SD1.5 / SD2.x-layout generator trained by DI* (or DMD2).
 
@@ -103,18 +108,7 @@ class DIStarSDPipeline(StableDiffusionPipeline):
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
     max_batch_size: int | None = MAX_BATCH_SIZE
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, in float32 unless a dtype is given (as `DIStarSDXLPipeline`)."""
-        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
-            kwargs["dtype"] = torch.float32
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def to_json_string(self) -> str:
-        """`model_index.json` with `_class_name` `StableDiffusionPipeline`: a saved folder is a standard SD folder."""
-        model_index = json.loads(super().to_json_string())
-        model_index["_class_name"] = StableDiffusionPipeline.__name__
-        return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
+    _standard_pipeline = StableDiffusionPipeline
 
     def check_inputs(
         self,

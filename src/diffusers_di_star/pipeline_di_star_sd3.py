@@ -1,7 +1,6 @@
 # Copyright 2026 The diffusers-di-star authors. Licensed under the Apache License, Version 2.0.
 """`DIStarSD3Pipeline`: one-step text-to-image with a DI* SD3 / SD3.5 (rectified-flow transformer) generator."""
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from .families.sd3 import DEFAULT_SIGMA_STAR, check_sigma_star
 from .one_step import FlowSchedule, decode_latents, one_step_x0
-from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, OUTPUT_TYPES, DIStarSDXLPipeline
+from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, OUTPUT_TYPES, DIStarSDXLPipeline, StandardFolderMixin
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -38,7 +37,7 @@ IGNORED_SD3_ARGUMENTS = (
 )
 
 
-class DIStarSD3Pipeline(StableDiffusion3Pipeline):
+class DIStarSD3Pipeline(StandardFolderMixin, StableDiffusion3Pipeline):
     r"""
     One-step text-to-image generation with an SD3 / SD3.5-layout generator trained by DI*.
 
@@ -100,18 +99,7 @@ class DIStarSD3Pipeline(StableDiffusion3Pipeline):
     _warn_unused = staticmethod(DIStarSDXLPipeline._warn_unused)
     _batch_size = staticmethod(DIStarSDXLPipeline._batch_size)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, in float32 unless a dtype is given (as `DIStarSDXLPipeline`)."""
-        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
-            kwargs["dtype"] = torch.float32
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def to_json_string(self) -> str:
-        """`model_index.json` with `_class_name` `StableDiffusion3Pipeline`: a saved folder is a plain SD3 folder."""
-        model_index = json.loads(super().to_json_string())
-        model_index["_class_name"] = StableDiffusion3Pipeline.__name__
-        return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
+    _standard_pipeline = StableDiffusion3Pipeline
 
     def check_inputs(
         self,

@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -103,7 +103,38 @@ class DIStarSDXLPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class DIStarSDXLPipeline(StableDiffusionXLPipeline):
+class StandardFolderMixin:
+    """What every DI* pipeline adds to its diffusers base class ``_standard_pipeline``: loading in float32 unless a
+    dtype is given, and saving a folder whose ``model_index.json`` names the base class."""
+
+    _standard_pipeline: ClassVar[type]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, with every component in float32 when no dtype is given.
+
+        Without a dtype, diffusers loads its models (UNet, VAE) in float32 but transformers >= 5 keeps the stored
+        dtype of the text encoders, so an fp16 folder (e.g. one converted back from a ComfyUI checkpoint) would load
+        as a mixed pipeline that fails with "mat1 and mat2 must have the same dtype". Pass `dtype` (or the
+        deprecated `torch_dtype`) to load in another precision.
+        """
+        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to_json_string(self) -> str:
+        """`model_index.json` as diffusers writes it, with `_class_name` set to the diffusers base class.
+
+        A saved folder is then a standard folder of its family: `DiffusionPipeline.from_pretrained`,
+        `AutoPipelineForText2Image` and the Hub's widgets load it, and the DI* pipeline's `from_pretrained` still
+        finds `conditioning_timestep`, which plain diffusers ignores.
+        """
+        model_index = json.loads(super().to_json_string())
+        model_index["_class_name"] = self._standard_pipeline.__name__
+        return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
+
+
+class DIStarSDXLPipeline(StandardFolderMixin, StableDiffusionXLPipeline):
     r"""
     One-step text-to-image generation with an SDXL-layout generator trained by Diff-Instruct* (DI*) or DMD2.
 
@@ -188,34 +219,11 @@ class DIStarSDXLPipeline(StableDiffusionXLPipeline):
     def _check_conditioning_timestep(self, conditioning_timestep) -> None:
         check_conditioning_timestep(conditioning_timestep, self.num_train_timesteps)
 
+    _standard_pipeline = StableDiffusionXLPipeline
     #: Largest height × width accepted by `__call__`; set to None to lift the limit. See `MAX_IMAGE_PIXELS`.
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
     #: Most images one `__call__` makes (prompts × num_images_per_prompt); None lifts the limit. See `MAX_BATCH_SIZE`.
     max_batch_size: int | None = MAX_BATCH_SIZE
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, with every component in float32 when no dtype is given.
-
-        Without a dtype, diffusers loads its models (UNet, VAE) in float32 but transformers >= 5 keeps the stored
-        dtype of the text encoders, so an fp16 folder (e.g. one converted back from a ComfyUI checkpoint) would load
-        as a mixed pipeline that fails with "mat1 and mat2 must have the same dtype". Pass `dtype` (or the
-        deprecated `torch_dtype`) to load in another precision.
-        """
-        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
-            kwargs["dtype"] = torch.float32
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def to_json_string(self) -> str:
-        """`model_index.json` as diffusers writes it, with `_class_name` set to `StableDiffusionXLPipeline`.
-
-        A saved folder is then a standard SDXL folder: `DiffusionPipeline.from_pretrained`,
-        `AutoPipelineForText2Image` and the Hub's widgets load it, and `DIStarSDXLPipeline.from_pretrained` still
-        finds `conditioning_timestep`, which plain diffusers ignores.
-        """
-        model_index = json.loads(super().to_json_string())
-        model_index["_class_name"] = StableDiffusionXLPipeline.__name__
-        return json.dumps(model_index, indent=2, sort_keys=True) + "\n"
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None):
         """Use xFormers attention; raises a clear error where xFormers or CUDA is missing.
