@@ -265,6 +265,7 @@ def test_a_trained_lora_run_folder_is_a_model(tiny_sdxl_dir, tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from diffusers_di_star import DIStarSDXLPipeline
@@ -295,6 +296,8 @@ def test_a_trained_lora_run_folder_is_a_model(tiny_sdxl_dir, tmp_path, capsys):
     assert max((exported[k] - v).abs().max().item() for k, v in fused.items()) < 1e-6
     plain = load_file(os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert max((exported[k] - plain[k]).abs().max().item() for k in plain) > 1e-3  # the LoRA is in it
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["di_star.conditioning_timestep"] == "500"  # the run's t*, not the default
 
 
 def test_each_step_logs_every_loss_term_the_reward_and_both_grad_norms_and_lrs(

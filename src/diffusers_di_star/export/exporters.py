@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep
+from ..sources import lora_run
 from .files import (
     ExportError,
     atomic_write,
@@ -369,4 +370,8 @@ def export_model(model, format: str, out_path: str | os.PathLike, **options) -> 
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise ExportError(f"{flags} does not apply to --format {format}.")
+    takes_timestep = "conditioning_timestep" in inspect.signature(exporter).parameters
+    if takes_timestep and "conditioning_timestep" not in options and isinstance(model, str | os.PathLike):
+        if (run := lora_run(os.fspath(model))) is not None and run.get("conditioning_timestep") is not None:
+            options["conditioning_timestep"] = run["conditioning_timestep"]  # a LoRA run's own t*
     return exporter(model, out_path, **options)
