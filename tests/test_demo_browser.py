@@ -117,7 +117,7 @@ def test_typed_prompt_shows_the_pipeline_image_and_its_png_carries_the_settings(
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"#model textarea": "./no/such/model-folder"}, "is neither a local folder nor a Hub id"),
+        ({"#model textarea": "./no/such/model-folder"}, "no such file or folder"),
         ({"#width input": "4096", "#height input": "4096"}, "above this app's limit of 4,194,304 pixels"),
     ],
     ids=["bad-model-path", "size-limit"],
