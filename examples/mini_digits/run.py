@@ -133,6 +133,7 @@ def sample(folder: str, settings: StudySettings, seed: int, steps: int, guidance
     prompts = [digit_prompt(d) for d in range(10)]
     if steps == 1:
         pipe = DIStarSDXLPipeline.from_pretrained(folder)
+        pipe.max_batch_size = None  # 32×32 digits: all 10·n samples in one call, the same noise as before the cap
         kwargs = {}
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(folder)
