@@ -35,6 +35,7 @@ How a new family plugs in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
@@ -69,6 +70,32 @@ class Conditioning(Protocol):
 
     def network_kwargs(self) -> dict:
         """Keyword arguments of the network's forward (e.g. ``encoder_hidden_states``)."""
+
+
+class TensorConditioning:
+    """What every family's conditioning dataclass shares: its fields are tensors with the batch first, and
+    ``prompt_embeds`` gives the batch size, dtype and device (the :class:`Conditioning` protocol)."""
+
+    prompt_embeds: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeds.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+    def cat(self, other):
+        """``self`` then ``other`` in one batch, field by field."""
+        return type(self)(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
 
 class ModelFamily:

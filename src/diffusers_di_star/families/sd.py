@@ -12,38 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelFamily
+from .base import ModelFamily, TensorConditioning
 
 __all__ = ["SDConditioning", "SDFamily", "encode_sd_prompts"]
 
 
 @dataclass
-class SDConditioning:
+class SDConditioning(TensorConditioning):
     """c: the prompts' text-encoder hidden states ``[B, 77, D]``; ∅: the empty prompt's, one row per sample."""
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor
 
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.prompt_embeds.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.prompt_embeds.device
-
     def unconditional(self) -> SDConditioning:
         return SDConditioning(self.negative_prompt_embeds, self.negative_prompt_embeds)
-
-    def cat(self, other: SDConditioning) -> SDConditioning:
-        return SDConditioning(
-            torch.cat([self.prompt_embeds, other.prompt_embeds]),
-            torch.cat([self.negative_prompt_embeds, other.negative_prompt_embeds]),
-        )
 
     def network_kwargs(self) -> dict:
         return {"encoder_hidden_states": self.prompt_embeds}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import ModelFamily
+from .base import ModelFamily, TensorConditioning
 
 __all__ = [
     "DEFAULT_SIGMA_STAR",
@@ -65,7 +65,7 @@ def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 @dataclass
-class SD3Conditioning:
+class SD3Conditioning(TensorConditioning):
     """c: CLIP-L|CLIP-G hidden states padded to the T5 width and T5's ``[B, 77 + 256, D]``, pooled ``[B, P]``;
     ∅: the empty prompt's, one row per sample."""
 
@@ -74,35 +74,12 @@ class SD3Conditioning:
     negative_prompt_embeds: torch.Tensor
     negative_pooled_prompt_embeds: torch.Tensor
 
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.prompt_embeds.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.prompt_embeds.device
-
     def unconditional(self) -> SD3Conditioning:
         negative = (self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
         return SD3Conditioning(*negative, *negative)
 
-    def cat(self, other: SD3Conditioning) -> SD3Conditioning:
-        return SD3Conditioning(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
-
     def network_kwargs(self) -> dict:
         return {"encoder_hidden_states": self.prompt_embeds, "pooled_projections": self.pooled_prompt_embeds}
-
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.prompt_embeds,
-            self.pooled_prompt_embeds,
-            self.negative_prompt_embeds,
-            self.negative_pooled_prompt_embeds,
-        )
 
 
 @torch.no_grad()

@@ -11,30 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelFamily
+from .base import ModelFamily, TensorConditioning
 
 __all__ = ["SDXLConditioning", "SDXLFamily", "encode_prompts"]
 
 
 @dataclass
-class SDXLConditioning:
+class SDXLConditioning(TensorConditioning):
     """c of docs/math.md §1: SDXL prompt embeddings, pooled embeddings and micro-conditioning ``add_time_ids``."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     time_ids: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.prompt_embeds.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.prompt_embeds.device
 
     def unconditional(self) -> SDXLConditioning:
         """∅: zero prompt and pooled embeddings, same ``add_time_ids`` (SDXL's force_zeros_for_empty_prompt, DMD2)."""
@@ -42,15 +30,9 @@ class SDXLConditioning:
             torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled_prompt_embeds), self.time_ids
         )
 
-    def cat(self, other: SDXLConditioning) -> SDXLConditioning:
-        return SDXLConditioning(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
-
     def network_kwargs(self) -> dict:
         added = {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
         return {"encoder_hidden_states": self.prompt_embeds, "added_cond_kwargs": added}
-
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids
 
 
 @torch.no_grad()
