@@ -34,7 +34,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from build_reference import QUICK, ReferenceSettings, build_reference  # noqa: E402
+from build_reference import FAMILIES, QUICK, ReferenceSettings, build_reference, reference_settings  # noqa: E402
 from digits_data import digit_prompt, load_digits  # noqa: E402
 from judges import frechet_distance, train_classifier, within_class_diversity  # noqa: E402
 
@@ -44,7 +44,7 @@ REWARD = "boldness"
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    reference: ReferenceSettings = ReferenceSettings()
+    reference: ReferenceSettings = ReferenceSettings()  # or flow_reference.FlowReferenceSettings (--family sd3)
     classifier_steps: int = 800
     samples_per_class: int = 50
     guidance_scale: float = 2.0
@@ -124,19 +124,22 @@ def train(trainer, args: list[str]) -> float:
 
 @torch.no_grad()
 def sample(folder: str, settings: StudySettings, seed: int, steps: int, guidance_scale: float):
-    """Grey images ``[10·n, 1, R, R]`` in [0, 1] for n per digit prompt, and images/s of the sampler."""
-    from diffusers import StableDiffusionXLPipeline
+    """Grey images ``[10·n, 1, R, R]`` in [0, 1] for n per digit prompt, and images/s of the sampler.
 
-    from diffusers_di_star import DIStarSDXLPipeline
+    One step: the family's DI* pipeline (``DIStarSDXLPipeline`` / ``DIStarSD3Pipeline``); more: diffusers' own
+    (``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline``, Euler; guidance scale 1 is no CFG in both).
+    """
+    from diffusers_di_star.families import FAMILIES as FAMILY_CLASSES
 
+    family = FAMILY_CLASSES[settings.reference.family]
     resolution, n = settings.reference.resolution, settings.samples_per_class
     prompts = [digit_prompt(d) for d in range(10)]
     if steps == 1:
-        pipe = DIStarSDXLPipeline.from_pretrained(folder)
+        pipe = family.pipeline_class().from_pretrained(folder)
         pipe.max_batch_size = None  # 32×32 digits: all 10·n samples in one call, the same noise as before the cap
         kwargs = {}
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        pipe = family.base_pipeline_class().from_pretrained(folder, **BASE_PIPELINE_KWARGS.get(family.name, {}))
         kwargs = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
@@ -187,7 +190,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: str, per_row: int = 10) -> No
     draw = ImageDraw.Draw(grid)
     for r, (name, images) in enumerate(rows.items()):
         n = len(images) // 10
-        draw.text((4, r * cell + cell // 3), name.replace("α", "a"), fill=0)  # PIL's default font is ASCII
+        draw.text((4, r * cell + cell // 3), name.replace("α", "a").replace("σ", "s"), fill=0)  # PIL's default font is ASCII
         for d in range(per_row):
             tile = (images[d * n, 0].clamp(0, 1) * 255).byte().numpy()
             grid.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (label_width + d * cell, r * cell))
@@ -256,6 +259,21 @@ def prepare(out: str, settings: StudySettings, cache: str | None = None) -> Stud
     )
 
 
+#: diffusers' SD3 pipeline loads a folder without T5 only when told so (its components default to required).
+BASE_PIPELINE_KWARGS = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}
+#: How the row names the one-step map's time: an integer timestep t* (VP families) or a flow time σ* (sd3).
+ONE_STEP_TIME = {"sdxl": "t*", "sd3": "σ*"}
+
+
+def one_step_row(settings: StudySettings) -> str:
+    """The untrained one-step map's row, at the family's default time: ``t*=399`` (SDXL) or ``σ*=1`` (SD3)."""
+    from diffusers_di_star.families import FAMILIES as FAMILY_CLASSES
+
+    family = settings.reference.family
+    time = FAMILY_CLASSES[family].default_conditioning_timestep
+    return f"reference one-step map, {ONE_STEP_TIME[family]}={time:g} (untrained)"
+
+
 def reference_samplers(settings: StudySettings) -> dict[str, tuple[int, float]]:
     """The reference's own samplers: name -> (steps, guidance scale); one step is its untrained one-step map."""
     return {
@@ -264,7 +282,7 @@ def reference_samplers(settings: StudySettings) -> dict[str, tuple[int, float]]:
             settings.sampler_steps,
             settings.guidance_scale,
         ),
-        "reference one-step map, t*=399 (untrained)": (1, 0.0),
+        one_step_row(settings): (1, 0.0),
     }
 
 
@@ -428,6 +446,10 @@ def study_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=folder, default=default_out)
     parser.add_argument("--quick", action="store_true", help="16×16 digits, one seed, 20 trainer steps.")
     parser.add_argument(
+        "--family", choices=FAMILIES, default="sdxl",
+        help="The reference's layout: sdxl (ε-prediction UNet, default) or sd3 (rectified-flow transformer, no T5).",
+    )  # fmt: skip
+    parser.add_argument(
         "--cache", type=folder, default=None, help="Where the reference is cached (default OUT/cache)."
     )
     parser.add_argument(
@@ -444,6 +466,12 @@ def study_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     return parser
 
 
+def default_settings(family: str, quick: bool) -> StudySettings:
+    """The study's settings with the reference of ``family``: the same judges, samplers and trainer settings."""
+    base = QUICK_STUDY if quick else StudySettings()
+    return dataclasses.replace(base, reference=reference_settings(family, quick))
+
+
 def study_settings(args: argparse.Namespace, settings: StudySettings) -> StudySettings:
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
@@ -454,7 +482,7 @@ def study_settings(args: argparse.Namespace, settings: StudySettings) -> StudySe
 
 def main(argv=None) -> None:
     args = study_parser("The MNIST mini study of DI* (docs/mini_study.md).", "outputs/mini_digits").parse_args(argv)
-    settings = study_settings(args, QUICK_STUDY if args.quick else StudySettings())
+    settings = study_settings(args, default_settings(args.family, args.quick))
     jobs = set_threads(args.jobs)
     results = run_study(args.out, settings, cache=args.cache, workers=jobs)
     print(format_table(results))

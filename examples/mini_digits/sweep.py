@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     sweep = QUICK_SWEEP if args.quick else SWEEP
     if args.methods:
         sweep = {name: SWEEP[name] for name in args.methods}
-    settings = run.study_settings(args, run.QUICK_STUDY if args.quick else run.StudySettings())
+    settings = run.study_settings(args, run.default_settings(args.family, args.quick))
     jobs = run.set_threads(args.jobs)
     rows = run_sweep(args.out, settings, sweep, cache=args.cache, workers=jobs)
     frontiers.write(rows, args.out)
