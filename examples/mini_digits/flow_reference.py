@@ -46,11 +46,11 @@ class FlowReferenceSettings:
     vae_channels: tuple[int, ...] = (16, 32, 32, 32)
     vae_steps: int = 800
     vae_batch_size: int = 64
-    transformer_heads: int = 4
+    transformer_heads: int = 2
     transformer_head_dim: int = 16
     transformer_layers: int = 2
     patch_size: int = 1
-    transformer_steps: int = 1500
+    transformer_steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 1e-3
     vae_learning_rate: float = 3e-3
@@ -60,8 +60,8 @@ class FlowReferenceSettings:
 
 
 FLOW_QUICK = FlowReferenceSettings(
-    resolution=16, vae_channels=(8, 8, 8, 8), vae_steps=200, vae_batch_size=16, transformer_heads=2,
-    transformer_head_dim=8, transformer_layers=1, transformer_steps=150, batch_size=32,
+    resolution=16, vae_channels=(8, 8, 8, 8), vae_steps=100, vae_batch_size=16, transformer_heads=2,
+    transformer_head_dim=8, transformer_layers=1, transformer_steps=60, batch_size=16,
 )  # fmt: skip
 
 
