@@ -147,7 +147,8 @@ def test_flow_reference_trains_on_the_velocity_with_the_pipelines_empty_prompt_a
     # Equal up to the rounding of encoding 11 prompts in one batch (ours) against 1 (the pipeline's).
     close = lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=0)  # noqa: E731
     assert close(cond.prompt_embeds[0], embeds[0]) and close(cond.pooled_prompt_embeds[0], pooled[0])
-    assert close(cond.negative_prompt_embeds[1], null[0]) and close(cond.negative_pooled_prompt_embeds[1], null_pooled[0])
+    assert close(cond.negative_prompt_embeds[1], null[0])
+    assert close(cond.negative_pooled_prompt_embeds[1], null_pooled[0])
     assert not torch.equal(null, torch.zeros_like(null))  # SD3's ∅ is the empty prompt's encoding, not zeros
     # An oracle that knows x0 returns the velocity ε − x0 = (x_σ − x0)/σ: the loss is 0 (to rounding) for it and
     # positive for a network that is off; row 1 (keep = 0) gets ∅, row 0 its prompt.

@@ -183,7 +183,8 @@ def train_unet(latents, labels, class_conditioning, scheduler: DDPMScheduler, se
         ).sample
         return (eps_hat - eps).pow(2).mean()
 
-    return train_denoiser(_unet(settings), latents, labels, class_conditioning, eps_loss, settings, settings.unet_steps)
+    unet = _unet(settings)
+    return train_denoiser(unet, latents, labels, class_conditioning, eps_loss, settings, settings.unet_steps)
 
 
 class _ClassConditioning:

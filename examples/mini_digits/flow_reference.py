@@ -142,4 +142,6 @@ def train_sd3_pipeline(digits: dict, settings: FlowReferenceSettings) -> StableD
         _transformer(settings), latents, digits["train_labels"], conditioning,
         velocity_loss(family, settings.shift), settings, settings.transformer_steps,
     )  # fmt: skip
-    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, **family.pipeline_kwargs(), scheduler=family.scheduler)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=family.scheduler, **family.pipeline_kwargs()
+    )

@@ -190,7 +190,8 @@ def save_grid(rows: dict[str, torch.Tensor], path: str, per_row: int = 10) -> No
     draw = ImageDraw.Draw(grid)
     for r, (name, images) in enumerate(rows.items()):
         n = len(images) // 10
-        draw.text((4, r * cell + cell // 3), name.replace("α", "a").replace("σ", "s"), fill=0)  # PIL's default font is ASCII
+        label = name.replace("α", "a").replace("σ", "s")  # PIL's default font is ASCII
+        draw.text((4, r * cell + cell // 3), label, fill=0)
         for d in range(per_row):
             tile = (images[d * n, 0].clamp(0, 1) * 255).byte().numpy()
             grid.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (label_width + d * cell, r * cell))
