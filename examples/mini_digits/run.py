@@ -290,10 +290,11 @@ def reference_samplers(settings: StudySettings) -> dict[str, tuple[int, float]]:
 def run_study(out: str, settings: StudySettings, methods=METHODS, cache: str | None = None, workers: int = 1) -> dict:
     start = time.perf_counter()
     study = prepare(out, settings, cache)
+    # Seed-major: a study stopped early has every method at its first seeds (rerun it with --seeds N to score them).
     jobs = [
         (name, seed, study.trainer_args(name, seed, flags))
-        for name, flags in methods.items()
         for seed in settings.seeds
+        for name, flags in methods.items()
     ]
     train_seconds = {name: [] for name in methods}
     seconds_by_job = dict(train_many([args for _, _, args in jobs], workers))
