@@ -8,8 +8,11 @@ DDPM ε loss ‖ε̂(x_t, t, c) − ε‖², t ~ U{0..999}, and 10 % prompt drop
 embeddings, docs/math.md §1) so classifier-free guidance works.
 
     python examples/mini_digits/build_reference.py --out outputs/mini_digits/reference
+    python examples/mini_digits/build_reference.py --family sd3 --out outputs/mini_digits/reference
 
-:func:`build_reference` is deterministic under its seed and caches the folder by a hash of its settings.
+:func:`build_reference` is deterministic under its seed and caches the folder by a hash of its settings. The parts
+both layouts share (the VAE, the data loop with prompt dropout, the cache) are here; ``flow_reference.py`` adds
+SD3's transformer, conditioning and velocity loss.
 """
 
 from __future__ import annotations

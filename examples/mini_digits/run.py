@@ -3,6 +3,7 @@
 
     python examples/mini_digits/run.py --out outputs/mini_digits            # the table of docs/mini_study.md
     python examples/mini_digits/run.py --quick --out outputs/mini_quick     # 16×16, one seed, short runs (tests, demo)
+    python examples/mini_digits/run.py --family sd3 --out outputs/mini_flow # the study on a flow (SD3) reference
 
 Steps: (1) build or reuse the reference (``build_reference.py``) and the judge (``judges.py``); (2) sample the
 reference with 25 Euler steps, with and without CFG, and its untrained one-step map at t* = 399; (3) run
