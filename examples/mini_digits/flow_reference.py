@@ -50,7 +50,7 @@ class FlowReferenceSettings:
     transformer_head_dim: int = 16
     transformer_layers: int = 2
     patch_size: int = 1
-    transformer_steps: int = 1200
+    transformer_steps: int = 2500
     batch_size: int = 64
     learning_rate: float = 1e-3
     vae_learning_rate: float = 3e-3
