@@ -24,6 +24,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from .defaults import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep, decode_latents, generate_x0
 
 EXAMPLE_DOC_STRING = """
@@ -40,13 +41,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-#: The largest image `__call__` makes unless `pipe.max_image_pixels` is raised (or set to None): 4096² = 16.8 MP, 16×
-#: SDXL's native 1024² area. Beyond it, a mistyped size would allocate tens of GiB before failing.
-MAX_IMAGE_PIXELS = 4096 * 4096
-#: The most images `__call__` makes at once unless `pipe.max_batch_size` is raised: a mistyped count (10**9) would
-#: otherwise allocate its noise before failing. 256 one-step 1024² SDXL images are ~1 GiB of latents in fp32.
-MAX_BATCH_SIZE = 256
 
 #: SDXL `__call__` arguments that a one-step generator has no use for, with the value that means "not used":
 #: accepted so SDXL code runs unchanged, each ignored with one warning when given another value.

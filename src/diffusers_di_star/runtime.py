@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import DTYPE_NAMES
 from .errors import DIStarError
 from .sources import load_failure, local_path_problem, lora_run
 
 __all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
 
-#: The dtype names the command line and the export functions accept.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: The dtype names the command line and the export functions accept (:data:`~diffusers_di_star.defaults.DTYPE_NAMES`).
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 class ModelLoadError(DIStarError):

@@ -41,13 +41,11 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from ..defaults import DEFAULT_LORA_TARGET_MODULES
 from ..losses import sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
 __all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily"]
-
-#: The attention projections that diffusers' SD/SDXL LoRA examples adapt.
-DEFAULT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class Conditioning(Protocol):
