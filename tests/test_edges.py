@@ -139,9 +139,9 @@ def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tm
     ],
 )  # fmt: skip
 def test_cli_edges_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
-    import diffusers_di_star.cli as cli
+    import diffusers_di_star.runtime as runtime
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runtime, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

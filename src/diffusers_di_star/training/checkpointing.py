@@ -33,8 +33,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 
-from torch.distributed.checkpoint.api import CheckpointException
-
 from ..errors import DIStarError, first_line
 from .resume import check_manifest_contents, compare_settings, tensor_shapes
 
@@ -397,6 +395,8 @@ def _probe(checkpoint: str, names=None) -> str | None:
 
 def _cause(error: BaseException) -> str:
     """``Type: first line`` of ``error``; for a distributed-checkpoint error, of the first rank's own exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(error, CheckpointException) and error.failures:
         rank, (error, _) = min(error.failures.items())
         return f"{type(error).__name__} on rank {rank}: {first_line(error)}"
@@ -410,6 +410,8 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
     (torch's distributed-checkpoint ``CheckpointException`` included, a ``BaseException``), raises
     :class:`CheckpointError` naming the file or the error and the previous intact checkpoint.
     """
+    from torch.distributed.checkpoint.api import CheckpointException  # (here: the run-folder checks load no torch)
+
     manifest = on_main_process(accelerator, _loadable_manifest, checkpoint)
     with _quiet_refusals():
         try:
