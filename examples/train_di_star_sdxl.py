@@ -54,6 +54,7 @@ from diffusers_di_star.training import (
     setup_networks,
 )
 from diffusers_di_star.training.checkpointing import (
+    CheckpointWriteError,
     check_run_folder,
     checkpoint_dirs,
     load_checkpoint,
@@ -422,9 +423,9 @@ def non_finite_message(output_dir: str, skipped: int) -> str:
     )
 
 
-def disk_full_message(output_dir: str, lost: str) -> str:
+def disk_full_message(output_dir: str, lost: str, on_rank: str = "") -> str:
     return (
-        f"disk full at {output_dir}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
+        f"disk full at {output_dir}{on_rank}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
         "--checkpoints_total_limit)."
     )
 
@@ -656,10 +657,11 @@ def main(args: argparse.Namespace) -> int:
             save_checkpoint(
                 accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
             )
-        except (OSError, SafetensorError) as error:
-            if not is_disk_full(error):
+        except CheckpointWriteError as error:  # raised on every rank alike, naming the rank whose write failed
+            if not error.disk_full:
                 raise
-            raise TrainingStopped(disk_full_message(args.output_dir, f"checkpoint-{step} was not written")) from None
+            lost = f"checkpoint-{step} was not written ({error.cause})"
+            raise TrainingStopped(disk_full_message(args.output_dir, lost, error.on_rank)) from None
         return step
 
     def conditioning_batches(step):
