@@ -186,11 +186,14 @@ def optimisation_step(
     role: RoleOptimisation,
     losses: Sequence[torch.Tensor],
     max_grad_norm: float,
+    finite: Callable[..., bool] = all_finite,
 ) -> torch.Tensor | None:
     """Clip the accumulated gradients, then step (or skip, on every rank alike, when a loss or the norm is not finite).
 
-    ``max_grad_norm`` 0 means no clipping (the norm is still computed and logged). Returns the gradient norm before
-    clipping, or ``None`` when the step was skipped. Gradients are freed either way (``set_to_none``).
+    ``max_grad_norm`` 0 means no clipping (the norm is still computed and logged). ``finite(accelerator, *values)``
+    decides whether to step: :func:`all_finite`, unless the caller runs on tensors without values (the memory
+    estimate's fake tensors, ``benchmarking/memory.py``). Returns the gradient norm before clipping, or ``None`` when
+    the step was skipped. Gradients are freed either way (``set_to_none``).
     """
     max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
     if accelerator is None:
@@ -198,7 +201,7 @@ def optimisation_step(
     else:
         grad_norm = accelerator.clip_grad_norm_(role.parameters, max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    if not all_finite(accelerator, *losses, grad_norm):
+    if not finite(accelerator, *losses, grad_norm):
         role.optimizer.zero_grad(set_to_none=True)
         return None
     role.optimizer.step()
