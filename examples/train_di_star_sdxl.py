@@ -680,9 +680,9 @@ def main(args: argparse.Namespace) -> int:
     images_per_step = args.train_batch_size * gas * world
     peak = peak_flops(accelerator.device, accelerator.mixed_precision)
     flops_per_image = None
-    if peak is not None and accelerator.is_main_process and family.name == "sdxl":  # counted for SDXL's layout
+    if peak is not None and accelerator.is_main_process:
         cond = next(conditioning_batches(global_step))[1]
-        flops_per_image = iteration_flops(networks, config, cond, family.schedule.alphas_cumprod, vae)
+        flops_per_image = iteration_flops(networks, config, cond, family, vae)
     stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
         if stop.agreed(accelerator):

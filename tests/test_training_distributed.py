@@ -418,7 +418,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all_ranks(runs):
 def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line_and_keeps_the_last_checkpoint(runs):
     out, probe = runs["ddp"][0], runs["ddp"][1]
     failed = out / "disk-full" / "checkpoint-2.tmp" / "random_states_1.pkl"
-    # Both ranks left the save together (no rank waited in a collective) with the same line, naming rank 1 and its file.
+    # Both ranks left the save together (none waited in a collective) with the same line, naming rank 1 and its file.
     assert [(probe / "disk-full" / f"status-rank{r}").read_text() for r in (0, 1)] == ["1", "1"]
     expected = (
         f"train_di_star_sdxl.py: error: disk full at {out / 'disk-full'} on rank 1: checkpoint-2 was not written "

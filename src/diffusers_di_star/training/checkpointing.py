@@ -254,8 +254,8 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _on_every_rank(accelerator, checkpoint: str, fn: Callable, *args) -> None:
-    """``fn(*args)`` on every process, then one gather of each rank's outcome: if it raised anywhere, every rank raises
-    the same :class:`CheckpointWriteError` (the first failing rank's) and the main process removes ``<checkpoint>.tmp``.
+    """``fn(*args)`` on every process, then one gather of each rank's outcome: if it raised anywhere, every rank
+    raises the same :class:`CheckpointWriteError` (the first failing rank's); the main process removes the ``.tmp``.
 
     The gather is also the barrier after ``fn``: no rank goes on to the next collective (or to training) while another
     failed, so none hangs there, and a rank's failed write is never followed by a checkpoint marked complete.
@@ -461,8 +461,8 @@ def _probe(checkpoint: str, names=None) -> str | None:
 
 
 def _first_failure(error: BaseException, rank: int | None) -> tuple[int | None, BaseException]:
-    """(rank, error) of ``error`` raised on ``rank``; for a distributed-checkpoint error, the first failing rank and its
-    own exception."""
+    """(rank, error) of ``error`` raised on ``rank``; for a distributed-checkpoint error, the first failing rank and
+    its own exception."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (error, _) = min(error.failures.items())
     return rank, error
