@@ -193,7 +193,7 @@ def test_validation_images_go_to_tensorboard(script, tmp_path):
 
 
 class OneProcess:
-    is_main_process, num_processes = True, 1
+    is_main_process, num_processes, process_index = True, 1, 0
 
     def wait_for_everyone(self):
         pass
@@ -207,12 +207,25 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     settings = {"use_lora": True}
     checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 1, write, settings, total_limit=1)
 
-    def dies(folder):
+    def fails(folder):
         write(folder)
-        raise RuntimeError("killed")
+        raise PermissionError(13, "Permission denied", os.path.join(folder, "state.bin"))
 
-    with pytest.raises(RuntimeError):
-        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, dies, settings, total_limit=1)
+    # A write that raises: one error naming the file, what was written is removed, checkpoint-1 stays the newest.
+    with pytest.raises(checkpointing.CheckpointWriteError) as failed:
+        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, fails, settings, total_limit=1)
+    assert str(failed.value).startswith(
+        f"checkpoint-2 was not written (PermissionError: [Errno 13] Permission denied: "
+        f"'{tmp_path / 'checkpoint-2.tmp' / 'state.bin'}'); the newest complete checkpoint is unchanged"
+    )
+    assert not failed.value.disk_full and os.listdir(tmp_path) == ["checkpoint-1"]
+
+    def killed(folder):  # the process dies mid-save: no handler runs
+        write(folder)
+        raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, killed, settings, total_limit=1)
     assert checkpointing.checkpoint_dirs(str(tmp_path)) == ["checkpoint-1"]
     assert checkpointing.incomplete_dirs(str(tmp_path)) == ["checkpoint-2.tmp"]
     with pytest.raises(ValueError, match="half-written.*previous intact checkpoint is checkpoint-1"):
