@@ -1,6 +1,7 @@
 """The trainer's user errors: one line ``train_di_star_sdxl.py: error: …``, exit 2, raised before any model loads."""
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -232,3 +233,26 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
         checkpointing.resolve_resume(OneProcess(), str(tmp_path), str(tmp_path / "checkpoint-2.tmp"), settings)
     checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 3, write, settings, total_limit=1)
     assert os.listdir(tmp_path) == ["checkpoint-3"]
+
+
+def test_a_failed_role_write_is_raised_after_the_other_roles_gather(tmp_path):
+    """The checkpoint hook on the main process: when writing generator/ fails, the assistant's gather (which the other
+    ranks are in, under FSDP) still runs before the error is raised, so no rank waits in it forever."""
+    from types import SimpleNamespace
+
+    from diffusers_di_star.training.engine import register_checkpoint_hooks
+
+    hooks, gathered = [], []
+    accelerator = SimpleNamespace(
+        is_main_process=True, register_save_state_pre_hook=hooks.append, register_load_state_pre_hook=hooks.append
+    )
+    networks = SimpleNamespace(use_lora=True, lora_state_dict=lambda role: gathered.append(role) or ({}, {}))
+
+    def disk_full(folder, state_dict, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", folder)
+
+    register_checkpoint_hooks(accelerator, networks, SimpleNamespace(save_lora_weights=disk_full))
+    weights = ["prepared unit"]
+    with pytest.raises(OSError, match="No space left on device: .*generator"):
+        hooks[0]([], weights, str(tmp_path))
+    assert gathered == ["generator", "assistant"] and weights == []

@@ -11,6 +11,7 @@ checkpoint save/load hooks. ``examples/train_di_star_sdxl.py`` and ``benchmarkin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -263,21 +264,29 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
 
     Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
     FSDP, see :func:`gather_unet`). Under FSDP accelerate also writes its own (sharded) model and optimiser states
-    and resumes from those; otherwise the folders are what resuming loads.
+    and resumes from those; otherwise the folders are what resuming loads. A write that fails on the main process is
+    raised after both roles' gathers, so no other rank is left in one (``checkpointing.save_checkpoint`` then stops
+    every rank alike).
     """
 
     def save_hook(models, weights, output_dir):
+        failure = None
         for role, folder in ROLE_DIRS.items():
             path = os.path.join(output_dir, folder)
             if networks.use_lora:
                 state_dict, metadata = networks.lora_state_dict(role)  # every rank: FSDP2 gathers the shards
-                if accelerator.is_main_process:
-                    family.save_lora_weights(path, state_dict, metadata)
+                write = functools.partial(family.save_lora_weights, path, state_dict, metadata)
             else:
                 unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
-                if accelerator.is_main_process:
-                    unet.save_pretrained(path)
+                write = functools.partial(unet.save_pretrained, path) if accelerator.is_main_process else None
+            if accelerator.is_main_process and failure is None:
+                try:
+                    write()
+                except Exception as error:  # raised after the next role's gather, which the other ranks are in
+                    failure = error
         weights.clear()  # accelerate would otherwise save the prepared modules a second time
+        if failure is not None:
+            raise failure
 
     def load_hook(models, input_dir):
         if networks.route_frozen_calls:
