@@ -25,6 +25,7 @@ How a new family plugs in
    Override :meth:`ModelFamily.load_scheduler` / :meth:`ModelFamily.schedule_from_scheduler` for a non-VP schedule
    (e.g. :class:`~diffusers_di_star.one_step.FlowSchedule`), :meth:`ModelFamily.sample_timesteps` for another π(t),
    :meth:`ModelFamily.denoise` if the network is not called as ``network(x_t, timestep, **cond.network_kwargs())``,
+   :meth:`ModelFamily.guided_eps` if CFG is not two branches (a guidance-distilled model: one call with γ),
    and :meth:`ModelFamily.save_lora_weights` / :meth:`ModelFamily.load_lora_state_dict` if its LoRA is not
    ``unet_lora_layers``.
 2. Register the class in ``families/__init__.py`` (:data:`~diffusers_di_star.families.FAMILIES`); detection by
@@ -41,7 +42,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..losses import sample_timesteps
+from ..losses import cfg_eps, sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
 __all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily"]
@@ -251,6 +252,18 @@ class ModelFamily:
         output = self.denoise(network, x_t, timesteps, cond)
         alpha_t, sigma_t = self.coefficients(timesteps, output)
         return output_to_eps(output, x_t, alpha_t, sigma_t, self.prediction_type)
+
+    def guided_eps(
+        self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
+    ) -> torch.Tensor:
+        """ε̂^γ(x_t, t, c), the CFG-enhanced reference (docs/math.md §4 Choice 2): the unconditional (∅) and
+        conditional outputs in one batch, combined by :func:`~diffusers_di_star.losses.cfg_eps`; plain ε̂ at γ = 1. A
+        guidance-distilled family (FLUX.1-dev) overrides this with one call that gives γ to the network."""
+        if guidance_scale == 1:
+            return self.eps(network, x_t, timesteps, cond)
+        both = self.eps(network, torch.cat([x_t, x_t]), timesteps.repeat(2), cond.unconditional().cat(cond))
+        eps_uncond, eps_cond = both.chunk(2)
+        return cfg_eps(eps_uncond, eps_cond, guidance_scale)
 
     def generate_x0(self, network: Callable, noise: torch.Tensor, cond: Conditioning, conditioning_timestep):
         """The one-step map x0 = g_θ(z, c) (:func:`~diffusers_di_star.one_step.one_step_x0`)."""
