@@ -126,7 +126,9 @@ class DIStarFluxPipeline(StandardFolderMixin, FluxPipeline):
         batch of generators and latents, the output type."""
         factor = 2 * self.vae_scale_factor
         if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor} (VAE factor × 2×2 packing), got {height}×{width}.")
+            raise ValueError(
+                f"height and width must be multiples of {factor} (VAE factor × 2×2 packing), got {height}×{width}."
+            )
         super().check_inputs(
             prompt,
             prompt_2,
@@ -152,7 +154,12 @@ class DIStarFluxPipeline(StandardFolderMixin, FluxPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image, or one.")
         if latents is not None:
-            expected = (batch_size, self.transformer.config.in_channels // 4, height // factor * 2, width // factor * 2)
+            expected = (
+                batch_size,
+                self.transformer.config.in_channels // 4,
+                height // factor * 2,
+                width // factor * 2,
+            )
             if tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` must have shape {expected} (not packed), got {tuple(latents.shape)}.")
         if output_type not in OUTPUT_TYPES:

@@ -93,7 +93,9 @@ def _clip_normalizer_and_pre_tokenizer():
     pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
                 behavior="removed",
                 invert=True,
             ),
@@ -143,9 +145,7 @@ def get_tiny_tokenizer(num_merges: int = 120, pad_token: str = _EOS) -> CLIPToke
     """
     normalizer, pre_tokenizer = _clip_normalizer_and_pre_tokenizer()
     words = [
-        word
-        for prompt in TINY_PROMPTS
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(prompt))
+        word for prompt in TINY_PROMPTS for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(prompt))
     ]
     merges = _learn_bpe_merges(words, num_merges)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -349,7 +349,13 @@ def get_tiny_t5_tokenizer() -> T5Tokenizer:
 def _tiny_t5_encoder(vocab_size: int, width: int, seed: int) -> T5EncoderModel:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8
+        vocab_size=vocab_size,
+        d_model=width,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
     )
     return T5EncoderModel(config).eval()
 

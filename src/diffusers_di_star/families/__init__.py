@@ -31,7 +31,9 @@ __all__ = [
 ]
 
 #: Every family by name.
-FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily, SD3Family, FluxFamily)}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    family.name: family for family in (SDXLFamily, SDFamily, SD3Family, FluxFamily)
+}
 
 
 def read_model_index(name: str, revision: str | None = None) -> dict:

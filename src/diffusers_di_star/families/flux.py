@@ -106,9 +106,7 @@ def encode_flux_prompts(
     pooled, embeds = outputs[0].pooler_output, outputs[1][0].to(text_encoders[1].dtype)
     n = len(prompts)
     guidance = torch.full((n,), float(guidance), device=embeds.device)
-    return FluxConditioning(
-        embeds[:n], pooled[:n], embeds[n:].expand(n, -1, -1), pooled[n:].expand(n, -1), guidance
-    )
+    return FluxConditioning(embeds[:n], pooled[:n], embeds[n:].expand(n, -1, -1), pooled[n:].expand(n, -1), guidance)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -231,7 +229,9 @@ class FluxFamily(SD3Family):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         kwargs = {"revision": revision, "variant": variant}
-        tokenizers = [AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in ("", "_2")]
+        tokenizers = [
+            AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}", revision=revision) for s in ("", "_2")
+        ]
         text_encoders = [
             CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kwargs),
             T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", **kwargs),
