@@ -91,8 +91,13 @@ def test_encoding_and_the_pipeline_equal_diffusers_flux(one_thread):
     ours = _images(DIStarFluxPipeline(**components), conditioning_timestep=0.75)
     np.testing.assert_allclose(ours, _images(diffusers_pipe, sigmas=[0.75], guidance_scale=3.5), atol=1e-6)
     assert np.abs(ours - one_step).max() > 1e-3
+    pipe = DIStarFluxPipeline(**components)
     with pytest.raises(ValueError, match="multiples of 16"):
-        DIStarFluxPipeline(**components)(PROMPTS, height=72, width=64)
+        pipe(PROMPTS, height=72, width=64)
+    with pytest.raises(ValueError, match=r"`latents` must have shape \(2, 16, 8, 8\)"):  # unpacked, not (2, 16, 64)
+        pipe(PROMPTS, height=64, width=64, latents=torch.zeros(2, 16, 64))
+    with pytest.raises(ValueError, match="guidance"):
+        DIStarFluxPipeline(**components, guidance=-1.0)
 
 
 def test_packing_shift_and_the_guidance_distilled_reference():

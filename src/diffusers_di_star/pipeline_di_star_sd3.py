@@ -12,7 +12,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from .families.sd3 import DEFAULT_SIGMA_STAR, check_sigma_star
 from .one_step import FlowSchedule, decode_latents, one_step_x0
-from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, OUTPUT_TYPES, DIStarSDXLPipeline, StandardFolderMixin
+from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, DIStarSDXLPipeline, StandardFolderMixin
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -133,23 +133,12 @@ class DIStarSD3Pipeline(StandardFolderMixin, StableDiffusion3Pipeline):
         )
         if conditioning_timestep is not None:
             check_sigma_star(conditioning_timestep)
-        if self.max_image_pixels is not None and height * width > self.max_image_pixels:
-            raise ValueError(
-                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a "
-                "smaller size, or raise the limit (None lifts it)."
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         batch_size = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image, or one.")
-        if latents is not None:
-            factor = self.vae_scale_factor
-            expected = (batch_size, self.transformer.config.in_channels, height // factor, width // factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        factor = self.vae_scale_factor
+        latent_shape = (batch_size, self.transformer.config.in_channels, height // factor, width // factor)
+        self._check_one_step_inputs(
+            height, width, num_images_per_prompt, batch_size, generator, latents, latent_shape, output_type
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
