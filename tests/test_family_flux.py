@@ -190,3 +190,13 @@ def test_full_run_writes_a_flux_pipeline_that_generate_loads_and_resumes_exactly
     assert np.abs(ours - _images(DIStarFluxPipeline.from_pretrained(tiny_flux))).max() > 1e-3
     plain = FluxPipeline.from_pretrained(out, dtype=torch.float32)
     np.testing.assert_allclose(ours, _images(plain, num_inference_steps=1, guidance_scale=3.5), atol=1e-5)
+
+
+def test_eval_samples_a_multi_step_flux_baseline_as_diffusers_does(tiny_flux):
+    from diffusers_di_star.evaluation.runner import ModelSpec, load_model
+
+    pipe = load_model(ModelSpec(tiny_flux, steps=2, guidance_scale=3.5), device="cpu")  # `di-star eval --steps 2`
+    assert type(pipe) is FluxPipeline and type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    plain = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    call = {"num_inference_steps": 2, "guidance_scale": 3.5}
+    np.testing.assert_allclose(_images(pipe, **call), _images(plain, **call), rtol=0, atol=0)

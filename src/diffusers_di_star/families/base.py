@@ -180,6 +180,14 @@ class ModelFamily:
         return VPSchedule.from_scheduler(scheduler)
 
     @classmethod
+    def baseline_scheduler(cls, scheduler):
+        """The sampler of a multi-step baseline (``di-star eval`` with steps > 1): Euler on ``scheduler``'s schedule
+        (a one-step folder keeps its training schedule as an ``LCMScheduler``)."""
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(scheduler.config)
+
+    @classmethod
     def load_network(cls, name: str, revision: str | None = None, variant: str | None = None) -> torch.nn.Module:
         return cls.network_class().from_pretrained(
             name, subfolder=cls.network_subfolder, revision=revision, variant=variant

@@ -204,6 +204,13 @@ class SD3Family(ModelFamily):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
 
     @classmethod
+    def baseline_scheduler(cls, scheduler):
+        """Flow-matching Euler on ``scheduler``'s config (its shift, or its dynamic shift), as diffusers samples."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+
+    @classmethod
     def schedule_from_scheduler(cls, scheduler) -> FlowSchedule:
         """The flow schedule of a ``FlowMatchEulerDiscreteScheduler`` with a fixed shift (SD3 / SD3.5's)."""
         if scheduler.config.get("use_dynamic_shifting"):
