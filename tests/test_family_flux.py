@@ -178,7 +178,8 @@ def test_full_run_writes_a_flux_pipeline_that_generate_loads_and_resumes_exactly
         torch.testing.assert_close(actual[key], value, rtol=0, atol=0)
 
     card = (out / "README.md").read_text()
-    assert "`FluxPipeline` with `num_inference_steps=1`" in card and "- flux" in card and "LCMScheduler" not in card
+    assert "`FluxPipeline` with `num_inference_steps=1` and `guidance_scale=3.5`" in card
+    assert "- flux" in card and "LCMScheduler" not in card
     index = json.loads((out / "model_index.json").read_text())
     assert (
         index["_class_name"] == "FluxPipeline" and index["conditioning_timestep"] == 1.0 and index["guidance"] == 3.5

@@ -253,8 +253,9 @@ class FluxFamily(SD3Family):
 
     @classmethod
     def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
-        """At σ* = 1 diffusers' one Euler step; otherwise ``sigmas=[σ*]`` with the shift switched off; g as stored."""
-        guidance = "`guidance_scale` = the folder's `guidance` (the generator's guidance embedding)"
+        """At σ* = 1 diffusers' one Euler step; otherwise ``sigmas=[σ*]`` with the shift switched off; the trainer's
+        g of the generator as ``guidance_scale``."""
+        guidance = f"`guidance_scale={DEFAULT_FLUX_GUIDANCE}` (the generator's guidance embedding)"
         if conditioning_timestep == 1:
             return f"`num_inference_steps=1` and {guidance}"
         return (
