@@ -166,7 +166,15 @@ def test_full_run_writes_a_flux_pipeline_that_generate_loads_and_resumes_exactly
     from diffusers_di_star.runtime import load_pipeline
 
     out, resumed = tmp_path / "full", tmp_path / "resumed"
-    extra = ["--cfg_mode", "reward", "--divergence", "kl", "--precompute_prompt_embeddings"]
+    extra = [
+        "--cfg_mode",
+        "reward",
+        "--divergence",
+        "kl",
+        "--precompute_prompt_embeddings",
+        "--mixed_precision",
+        "bf16",
+    ]
     assert run(script, *train_args(tiny_flux, prompt_file, out, *extra)) == 0
     # Stopped after step 1 and resumed: the same transformer as the straight two steps, bit for bit.
     assert run(script, *train_args(tiny_flux, prompt_file, resumed, *extra, "--max_train_steps", "1")) == 0
