@@ -91,7 +91,16 @@ def test_encoding_and_the_pipeline_equal_diffusers_flux(one_thread):
     ours = _images(DIStarFluxPipeline(**components), conditioning_timestep=0.75)
     np.testing.assert_allclose(ours, _images(diffusers_pipe, sigmas=[0.75], guidance_scale=3.5), atol=1e-6)
     assert np.abs(ours - one_step).max() > 1e-3
-    pipe = DIStarFluxPipeline(**components)
+    pipe, seen = DIStarFluxPipeline(**components), {}
+
+    def halve_x0(pipe, step, sigma, tensors):
+        seen.update(step=step, sigma=sigma, names=sorted(tensors))
+        return {"latents": tensors["latents"] / 2}
+
+    latents = _images(pipe, output_type="latent")
+    halved = _images(pipe, output_type="latent", callback_on_step_end=halve_x0)
+    torch.testing.assert_close(halved, latents / 2, rtol=0, atol=0)
+    assert seen == {"step": 0, "sigma": 1.0, "names": ["latents"]} and latents.shape == (2, 16, 8, 8)
     with pytest.raises(ValueError, match="multiples of 16"):
         pipe(PROMPTS, height=72, width=64)
     with pytest.raises(ValueError, match=r"`latents` must have shape \(2, 16, 8, 8\)"):  # unpacked, not (2, 16, 64)

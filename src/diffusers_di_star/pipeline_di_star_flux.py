@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from .families.flux import DEFAULT_FLUX_GUIDANCE, flux_velocity
 from .families.sd3 import DEFAULT_SIGMA_STAR, check_sigma_star
-from .one_step import FlowSchedule, decode_latents, one_step_x0
+from .one_step import FlowSchedule, one_step_x0
 from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, DIStarSDXLPipeline, StandardFolderMixin
 
 EXAMPLE_DOC_STRING = """
@@ -288,21 +288,11 @@ class DIStarFluxPipeline(StandardFolderMixin, FluxPipeline):
         schedule = FlowSchedule(self.scheduler.config.num_train_timesteps)
         latents = one_step_x0(velocity, latents, sigma_star, schedule).to(prompt_embeds.dtype)
 
-        if callback_on_step_end is not None:
-            tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-            tensors = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-            callback_outputs = callback_on_step_end(self, 0, sigma_star, tensors) or {}
-            latents = callback_outputs.pop("latents", latents)
-
-        # 5. Decode
-        if output_type == "latent":
-            image = latents
-        else:
-            image = decode_latents(self.vae, latents.to(self.vae.dtype))
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
-        # 6. Offload all models
-        self.maybe_free_model_hooks()
+        # 5. The step-end callback, decode, offload
+        tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+        image = self._finish_one_step(
+            tensors, sigma_star, callback_on_step_end, callback_on_step_end_tensor_inputs, output_type
+        )
 
         if not return_dict:
             return (image,)

@@ -141,6 +141,22 @@ class StandardFolderMixin:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
 
+    def _finish_one_step(self, tensors: dict, sigma_star, callback_on_step_end, names, output_type):
+        """After a flow pipeline's one step: the step-end callback (given the ``names`` it asked for among
+        ``tensors``, which holds x0 as ``"latents"``), the decode (:func:`~diffusers_di_star.one_step.decode_latents`;
+        ``"latent"``: x0 as it is), the offload. Returns the images."""
+        latents = tensors["latents"]
+        if callback_on_step_end is not None:
+            callback_outputs = callback_on_step_end(self, 0, sigma_star, {k: tensors[k] for k in names}) or {}
+            latents = callback_outputs.pop("latents", latents)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = decode_latents(self.vae, latents.to(self.vae.dtype))
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return image
+
     def to_json_string(self) -> str:
         """`model_index.json` as diffusers writes it, with `_class_name` set to the diffusers base class.
 
