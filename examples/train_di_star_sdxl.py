@@ -148,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--conditioning_timestep",
         type=timestep_number,
         default=None,
-        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3: the flow time σ* = 1.0).",
+        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3, FLUX: the flow time σ* = 1.0).",
     )
 
     lora = parser.add_argument_group("LoRA")
@@ -163,7 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--{role}_lora_target_modules",
             default=None,
             help="Comma separated, matched as peft does. Default: the model family's (SD/SDXL: "
-            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out).",
+            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out; "
+            "FLUX: also the feed-forward layers).",
         )
 
     di_star = parser.add_argument_group("DI* objective")

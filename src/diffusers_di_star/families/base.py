@@ -26,6 +26,7 @@ How a new family plugs in
    (e.g. :class:`~diffusers_di_star.one_step.FlowSchedule`), :meth:`ModelFamily.sample_timesteps` for another π(t),
    :meth:`ModelFamily.denoise` if the network is not called as ``network(x_t, timestep, **cond.network_kwargs())``,
    :meth:`ModelFamily.guided_eps` if CFG is not two branches (a guidance-distilled model: one call with γ),
+   :meth:`ModelFamily.baseline_scheduler` if the multi-step baseline does not sample with VP Euler,
    and :meth:`ModelFamily.save_lora_weights` / :meth:`ModelFamily.load_lora_state_dict` if its LoRA is not
    ``unet_lora_layers``.
 2. Register the class in ``families/__init__.py`` (:data:`~diffusers_di_star.families.FAMILIES`); detection by
