@@ -374,7 +374,8 @@ def load_reward(spec: str, **options):
 
 
 def resolve_family_defaults(args: argparse.Namespace):
-    """The model family's defaults for what was not given (t*, LoRA target modules), t* checked; returns the family.
+    """The model family's defaults for what was not given (t*, LoRA target modules), t* and the resolution checked;
+    returns the family.
 
     Reads only the model's ``model_index.json``: resuming compares these settings before anything loads.
     """
@@ -382,6 +383,7 @@ def resolve_family_defaults(args: argparse.Namespace):
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family_class.default_conditioning_timestep
     args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
+    family_class.check_resolution(args.resolution)
     for role in ("generator", "assistant"):
         if getattr(args, f"{role}_lora_target_modules") is None:
             setattr(args, f"{role}_lora_target_modules", ",".join(family_class.lora_target_modules))

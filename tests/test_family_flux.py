@@ -218,3 +218,10 @@ def test_eval_samples_a_multi_step_flux_baseline_as_diffusers_does(tiny_flux):
     plain = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     call = {"num_inference_steps": 2, "guidance_scale": 3.5}
     np.testing.assert_allclose(_images(pipe, **call), _images(plain, **call), rtol=0, atol=0)
+
+
+def test_a_resolution_that_does_not_pack_is_one_line(script, tiny_flux, prompt_file, tmp_path, capsys):
+    assert script.cli(train_args(tiny_flux, prompt_file, tmp_path, "--resolution", "72")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("train_di_star_sdxl.py: error: --resolution 72: the flux family needs a multiple of 16")
+    assert error.endswith("e.g. 64.")

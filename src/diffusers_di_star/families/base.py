@@ -113,6 +113,8 @@ class ModelFamily:
     network_subfolder: ClassVar[str] = "unet"
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
+    #: What a training resolution must be a multiple of: the VAE factor, times the patch size of a transformer.
+    resolution_multiple: ClassVar[int] = 8
     default_conditioning_timestep: ClassVar = DEFAULT_CONDITIONING_TIMESTEP
     lora_target_modules: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGET_MODULES
     #: For the model card (``hub.write_model_card``): what the model is, its Hub tag, its licence (Hub id, sentence).
@@ -218,6 +220,16 @@ class ModelFamily:
 
         check_conditioning_timestep(conditioning_timestep)
         return conditioning_timestep
+
+    @classmethod
+    def check_resolution(cls, resolution: int) -> None:
+        """Raise ``ValueError`` naming ``resolution`` unless it is a multiple of :attr:`resolution_multiple`."""
+        if resolution % cls.resolution_multiple:
+            raise ValueError(
+                f"--resolution {resolution}: the {cls.name} family needs a multiple of {cls.resolution_multiple} "
+                f"(VAE factor {cls.vae_scale_factor} × the network's patch size), e.g. "
+                f"{max(cls.resolution_multiple, resolution // cls.resolution_multiple * cls.resolution_multiple)}."
+            )
 
     @classmethod
     def diffusers_one_step_settings(cls, conditioning_timestep) -> str:

@@ -133,6 +133,7 @@ class SD3Family(ModelFamily):
     license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
     network_subfolder = "transformer"
     latent_channels = 16
+    resolution_multiple = 16  # 2×2 patches of the latents
     default_conditioning_timestep = DEFAULT_SIGMA_STAR
     lora_target_modules = SD3_LORA_TARGET_MODULES
 
