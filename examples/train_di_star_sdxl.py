@@ -54,6 +54,7 @@ from diffusers_di_star.training import (
     setup_networks,
 )
 from diffusers_di_star.training.checkpointing import (
+    CheckpointWriteError,
     check_run_folder,
     checkpoint_dirs,
     load_checkpoint,
@@ -425,9 +426,9 @@ def non_finite_message(output_dir: str, skipped: int) -> str:
     )
 
 
-def disk_full_message(output_dir: str, lost: str) -> str:
+def disk_full_message(output_dir: str, lost: str, on_rank: str = "") -> str:
     return (
-        f"disk full at {output_dir}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
+        f"disk full at {output_dir}{on_rank}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
         "--checkpoints_total_limit)."
     )
 
@@ -659,10 +660,11 @@ def main(args: argparse.Namespace) -> int:
             save_checkpoint(
                 accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
             )
-        except (OSError, SafetensorError) as error:
-            if not is_disk_full(error):
+        except CheckpointWriteError as error:  # raised on every rank alike, naming the rank whose write failed
+            if not error.disk_full:
                 raise
-            raise TrainingStopped(disk_full_message(args.output_dir, f"checkpoint-{step} was not written")) from None
+            lost = f"checkpoint-{step} was not written ({error.cause})"
+            raise TrainingStopped(disk_full_message(args.output_dir, lost, error.on_rank)) from None
         return step
 
     def conditioning_batches(step):
@@ -681,9 +683,9 @@ def main(args: argparse.Namespace) -> int:
     images_per_step = args.train_batch_size * gas * world
     peak = peak_flops(accelerator.device, accelerator.mixed_precision)
     flops_per_image = None
-    if peak is not None and accelerator.is_main_process and family.name == "sdxl":  # counted for SDXL's layout
+    if peak is not None and accelerator.is_main_process:
         cond = next(conditioning_batches(global_step))[1]
-        flops_per_image = iteration_flops(networks, config, cond, family.schedule.alphas_cumprod, vae)
+        flops_per_image = iteration_flops(networks, config, cond, family, vae)
     stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
         if stop.agreed(accelerator):

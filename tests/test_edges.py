@@ -120,9 +120,12 @@ def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tm
     with pytest.raises(script.TrainingStopped) as stopped:
         run(script, *args)
     assert str(stopped.value) == (
-        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written; the last checkpoint, checkpoint-1, is intact "
-        "(--resume_from_checkpoint latest). Free some space (or use --checkpoints_total_limit)."
+        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written (OSError: [Errno 28] No space left on "
+        "device); the last checkpoint, checkpoint-1, is intact (--resume_from_checkpoint latest). Free some space "
+        "(or use --checkpoints_total_limit)."
     )
+    # What the failed save wrote is removed (it frees space); checkpoint-1 stays the newest.
+    assert sorted(name for name in os.listdir(tmp_path / "out") if name.startswith("checkpoint")) == ["checkpoint-1"]
     assert "Saving current state" not in caplog.text and "saved " in caplog.text  # one line of ours per save
 
 

@@ -11,8 +11,10 @@ How a new family plugs in
 1. Add ``families/<name>.py`` with a subclass of :class:`ModelFamily` and a conditioning dataclass:
 
    * the conditioning implements :class:`Conditioning`: ``batch_size``, ``dtype``, ``device``, ``unconditional()``
-     (∅: SDXL zeros its embeddings, SD1.5/SD3 encode ""), ``cat(other)`` (one batch for CFG's two branches) and
-     ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep);
+     (∅: SDXL zeros its embeddings, SD1.5/SD3 encode ""), ``cat(other)`` (one batch for CFG's two branches),
+     ``empty(batch_size, device)`` (its shapes only: the trainer's FLOP count runs on the meta device) and
+     ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep); a dataclass
+     of tensors gets all but ``unconditional`` and ``network_kwargs`` from :class:`TensorConditioning`;
    * class attributes: ``name`` (the ``--family`` word), ``pipeline_class_names`` (the ``_class_name`` values of a
      ``model_index.json`` that mean this family), ``network_subfolder`` (``"unet"`` / ``"transformer"``),
      ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, and for the model card
@@ -70,6 +72,9 @@ class Conditioning(Protocol):
     def cat(self, other: Conditioning) -> Conditioning:
         """``self`` then ``other`` in one batch."""
 
+    def empty(self, batch_size: int, device: torch.device | str) -> Conditioning:
+        """Uninitialised float32 tensors of the same per-sample shapes, ``batch_size`` samples, on ``device``."""
+
     def network_kwargs(self) -> dict:
         """Keyword arguments of the network's forward (e.g. ``encoder_hidden_states``)."""
 
@@ -95,6 +100,12 @@ class TensorConditioning:
     def cat(self, other):
         """``self`` then ``other`` in one batch, field by field."""
         return type(self)(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
+
+    def empty(self, batch_size: int, device: torch.device | str):
+        """Uninitialised float32 tensors of the same per-sample shapes, ``batch_size`` samples, on ``device`` (e.g. the
+        meta device, where ``training/throughput.py`` counts FLOPs without memory)."""
+        shapes = ((batch_size, *t.shape[1:]) for t in self._tensors())
+        return type(self)(*(torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, field.name) for field in dataclasses.fields(self))

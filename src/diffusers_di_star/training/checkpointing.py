@@ -5,7 +5,10 @@
   only after the rename, so a save killed at any point leaves the previous checkpoint intact. A ``.tmp`` folder left
   by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped. The rename waits until the
   main process sees every file that every rank wrote: ranks writing into different folders (non-shared storage
-  across nodes) stop the run at the first save with one :class:`CheckpointError`.
+  across nodes) stop the run at the first save with one :class:`CheckpointError`. A write that fails on any rank
+  (its disk is full, its shard write raises) is agreed on by all ranks after each stage of the save: every rank raises
+  the same :class:`CheckpointWriteError` naming the first failing rank, none is left waiting in a collective, and the
+  ``.tmp`` folder is removed (the previous checkpoint stays ``latest``).
 * Each checkpoint holds :data:`MANIFEST_NAME`: its step, the trainer's settings (what a resume may change is decided
   by :data:`~.resume.RESUME_POLICY`: a refusal is one line naming the flag, the saved and the given value), every file
   with its size and the tensor shapes of its safetensors files (a hand-edited manifest is refused).
@@ -35,7 +38,7 @@ from collections.abc import Callable, Mapping
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..errors import DIStarError, first_line
+from ..errors import DIStarError, first_line, is_disk_full
 from .resume import check_manifest_contents, compare_settings, tensor_shapes
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "MANIFEST_NAME",
     "RUN_FILES",
     "CheckpointError",
+    "CheckpointWriteError",
     "check_run_folder",
     "checkpoint_dirs",
     "incomplete_dirs",
@@ -175,20 +179,28 @@ def save_checkpoint(
     """Write ``checkpoint-<step>``: ``write_state(tmp)`` on every process, the EMA and the manifest, then the rename.
 
     ``ema`` is a :class:`~diffusers_di_star.training.ema.ShardedEMA`. Only then are the oldest complete checkpoints
-    beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps removed. Returns the checkpoint path.
+    beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps removed. Returns the checkpoint path. A write
+    that fails on any process (e.g. its disk is full) raises one :class:`CheckpointWriteError` on every process, naming
+    that rank, after the ranks agree (:func:`_on_every_rank`): none waits in a collective, the ``.tmp`` folder is
+    removed and the previous checkpoint stays the newest complete one.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    write_state(tmp)
+
+    def make_folder():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+
+    _on_every_rank(accelerator, final, make_folder)
+    _on_every_rank(accelerator, final, write_state, tmp)
     # Every rank: a sharded EMA (training/ema.py) is gathered here; only the main process keeps it.
     ema_state = None if ema is None else ema.state_dict(keep=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     _check_every_rank_visible(accelerator, tmp)
-    if accelerator.is_main_process:
+
+    def complete():
+        if not accelerator.is_main_process:
+            return
         if ema_state is not None:
             save_ema(ema_state, tmp)
         manifest = {"step": step, "settings": _json_value(dict(settings)), "files": _file_sizes(tmp)}
@@ -202,17 +214,70 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(final + ".old", ignore_errors=True)
         logger.info(f"saved {final}")
-        complete = checkpoint_dirs(output_dir)
-        if total_limit is not None:
-            for name in complete[: max(len(complete) - total_limit, 0)]:
-                logger.info(f"removing {name} (checkpoints_total_limit={total_limit})")
-                shutil.rmtree(os.path.join(output_dir, name))
-        for name in incomplete_dirs(output_dir):
-            if int(name.split("-")[1].split(".")[0]) < step:
-                logger.info(f"removing {name}: an interrupted save, superseded by checkpoint-{step}")
-                shutil.rmtree(os.path.join(output_dir, name))
-    accelerator.wait_for_everyone()
+
+    _on_every_rank(accelerator, final, complete)
+    on_main_process(accelerator, _remove_old_checkpoints, output_dir, step, total_limit)
     return final
+
+
+def _remove_old_checkpoints(output_dir: str, step: int, total_limit: int | None) -> None:
+    """The oldest complete checkpoints beyond ``total_limit``, and ``.tmp`` folders of steps before ``step``."""
+    complete = checkpoint_dirs(output_dir)
+    if total_limit is not None:
+        for name in complete[: max(len(complete) - total_limit, 0)]:
+            logger.info(f"removing {name} (checkpoints_total_limit={total_limit})")
+            shutil.rmtree(os.path.join(output_dir, name))
+    for name in incomplete_dirs(output_dir):
+        if int(name.split("-")[1].split(".")[0]) < step:
+            logger.info(f"removing {name}: an interrupted save, superseded by checkpoint-{step}")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint not written because a write failed on one rank (or more); every rank raises it.
+
+    ``rank`` is the first failing rank (``None`` in a single-process run), ``cause`` its error as ``Type: first
+    line`` (an ``OSError`` names its file), ``disk_full`` whether that was a full disk (:func:`is_disk_full`).
+    """
+
+    def __init__(self, checkpoint: str, rank: int | None, cause: str, disk_full: bool):
+        self.checkpoint, self.rank, self.cause, self.disk_full = checkpoint, rank, cause, disk_full
+        super().__init__(
+            f"{os.path.basename(checkpoint)} was not written{self.on_rank} ({cause}); the newest complete checkpoint "
+            "is unchanged: fix the cause and resume from it (--resume_from_checkpoint latest)"
+        )
+
+    @property
+    def on_rank(self) -> str:
+        """`` on rank N``, or nothing in a single-process run."""
+        return "" if self.rank is None else f" on rank {self.rank}"
+
+
+def _on_every_rank(accelerator, checkpoint: str, fn: Callable, *args) -> None:
+    """``fn(*args)`` on every process, then one gather of each rank's outcome: if it raised anywhere, every rank
+    raises the same :class:`CheckpointWriteError` (the first failing rank's); the main process removes the ``.tmp``.
+
+    The gather is also the barrier after ``fn``: no rank goes on to the next collective (or to training) while another
+    failed, so none hangs there, and a rank's failed write is never followed by a checkpoint marked complete.
+    """
+    failure, outcome = None, None
+    try:
+        fn(*args)
+    except (Exception, CheckpointException) as error:  # every rank learns of it below; torch's is a BaseException
+        failure = error
+        rank, error = _first_failure(error, accelerator.process_index)
+        outcome = (rank, _cause(error), is_disk_full(error))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        outcomes = [found for found in gather_object([outcome]) if found is not None]
+    else:
+        outcomes = [] if outcome is None else [(None, *outcome[1:])]
+    if not outcomes:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoint + ".tmp", ignore_errors=True)  # frees what was written; never taken as `latest`
+    raise CheckpointWriteError(checkpoint, *min(outcomes)) from failure
 
 
 def _check_every_rank_visible(accelerator, folder: str) -> None:
@@ -395,12 +460,19 @@ def _probe(checkpoint: str, names=None) -> str | None:
     return None
 
 
-def _cause(error: BaseException) -> str:
-    """``Type: first line`` of ``error``; for a distributed-checkpoint error, of the first rank's own exception."""
+def _first_failure(error: BaseException, rank: int | None) -> tuple[int | None, BaseException]:
+    """(rank, error) of ``error`` raised on ``rank``; for a distributed-checkpoint error, the first failing rank and
+    its own exception."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (error, _) = min(error.failures.items())
-        return f"{type(error).__name__} on rank {rank}: {first_line(error)}"
-    return f"{type(error).__name__}: {first_line(error)}"
+    return rank, error
+
+
+def _cause(error: BaseException) -> str:
+    """``Type: first line`` of ``error``; for a distributed-checkpoint error, of the first rank's own exception."""
+    rank, error = _first_failure(error, None)
+    on_rank = "" if rank is None else f" on rank {rank}"
+    return f"{type(error).__name__}{on_rank}: {first_line(error)}"
 
 
 def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
