@@ -32,11 +32,11 @@ from diffusers_di_star.export import (
     export_diffusers,
     export_kohya_lora,
     load_generator_unet,
-    load_sdxl_components,
+    load_pipeline_components,
     load_state_dict_file,
     peft_lora_to_kohya,
-    sdxl_checkpoint_state_dict,
-    sdxl_components_from_checkpoint,
+    checkpoint_state_dict,
+    components_from_checkpoint,
     unet_from_original,
     unet_to_original,
 )
@@ -94,7 +94,7 @@ def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module, dtyp
 # ----------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tiny(tiny_sdxl_dir) -> dict:
-    return load_sdxl_components(tiny_sdxl_dir)
+    return load_pipeline_components(tiny_sdxl_dir)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def meta_sdxl() -> dict:
 
 @pytest.fixture(scope="module")
 def meta_checkpoint(meta_sdxl) -> dict[str, torch.Tensor]:
-    return sdxl_checkpoint_state_dict(meta_sdxl)
+    return checkpoint_state_dict(meta_sdxl)
 
 
 # ------------------------------------------------------------------------------------------- full-size layout
@@ -178,7 +178,7 @@ def test_tiny_checkpoint_loads_identically_with_diffusers_from_single_file(tiny_
 
 
 def test_tiny_checkpoint_converts_back_to_a_diffusers_pipeline(tiny_sdxl_dir, tiny, tiny_checkpoint, tmp_path):
-    components = sdxl_components_from_checkpoint(load_state_dict_file(tiny_checkpoint), base_model=tiny_sdxl_dir)
+    components = components_from_checkpoint(load_state_dict_file(tiny_checkpoint), base_model=tiny_sdxl_dir)
     export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir)
     out = export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir, overwrite=True)  # folder swap
     assert os.listdir(tmp_path) == ["pipe"]
@@ -195,7 +195,7 @@ def test_half_precision_checkpoint_casts_only_floating_weights(tiny_sdxl_dir, ti
     checkpoint = load_file(path)
     assert checkpoint[f"{CLIP_L_PREFIX}text_model.embeddings.position_ids"].dtype == torch.int64
     assert {v.dtype for k, v in checkpoint.items() if not k.endswith("position_ids")} == {torch_dtype}
-    components = sdxl_components_from_checkpoint(checkpoint, base_model=tiny_sdxl_dir)
+    components = components_from_checkpoint(checkpoint, base_model=tiny_sdxl_dir)
     assert_same_weights(tiny["unet"], components["unet"], torch_dtype)
 
 
@@ -293,14 +293,14 @@ def test_pickle_with_code_is_refused(tmp_path):
     assert not _unpickled_code_ran
 
 
-def test_non_sdxl_models_are_refused(tiny_sdxl_dir, tmp_path):
-    sd15_pipeline = tmp_path / "sd15"
-    sd15_pipeline.mkdir()
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
-    (sd15_pipeline / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ExportError, match=r"not an SDXL pipeline.*has no \['vae', 'text_encoder', 'text_encoder_2'\]"):
-        export_comfyui_checkpoint(str(sd15_pipeline), tmp_path / "out.safetensors")
-    sd15_unet = UNet2DConditionModel(  # SD 1.5's layout: no added "text_time" conditioning
+def test_models_of_other_layouts_are_refused(tmp_path):
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    index = {"_class_name": "SomePipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (text_only / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match=r"not an SDXL or SD1.x/2.x pipeline.*has no \['vae', 'text_encoder'\]"):
+        export_comfyui_checkpoint(str(text_only), tmp_path / "out.safetensors")
+    class_conditioned = UNet2DConditionModel(  # a timestep class embedding: neither SDXL's nor SD1.x/2.x's layout
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=16,
@@ -309,10 +309,11 @@ def test_non_sdxl_models_are_refused(tiny_sdxl_dir, tmp_path):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=4,
         sample_size=8,
+        class_embed_type="timestep",
     )
-    sd15_unet.save_pretrained(tmp_path / "sd15_unet")
-    with pytest.raises(ExportError, match="not an SDXL UNet: addition_embed_type=None"):
-        export_comfyui_unet(str(tmp_path / "sd15_unet"), tmp_path / "out.safetensors")
+    class_conditioned.save_pretrained(tmp_path / "class_unet")
+    with pytest.raises(ExportError, match="not an SDXL or SD1.x/2.x UNet: class_embed_type='timestep'"):
+        export_comfyui_unet(str(tmp_path / "class_unet"), tmp_path / "out.safetensors")
     assert not os.path.exists(tmp_path / "out.safetensors")
 
 
