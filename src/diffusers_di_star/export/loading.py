@@ -21,7 +21,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..configs import load_sdxl_config
 from ..sources import LORA_RUN_FILES, load_failure, local_path_problem, lora_run
 from .files import ExportError, cast_floating, load_state_dict_file
-from .sdxl_keys import SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, UNET_PREFIX, V_PRED_KEY, check_unet_config, unet_from_original
+from .sdxl_keys import (
+    SD1_CLIP_PREFIX,
+    SD2_CLIP_PREFIX,
+    UNET_PREFIX,
+    V_PRED_KEY,
+    check_unet_config,
+    unet_from_original,
+)
 
 __all__ = [
     "SDXL_BASE_MODEL_ID",
@@ -92,10 +99,10 @@ def resolve_file(path_or_id: str, filename: str, subfolder: str | None = None) -
 def checkpoint_kind(keys) -> str:
     """What a weights file holds, from its key names.
 
-    ``"sdxl-checkpoint"`` / ``"sd-checkpoint"`` (full single file), ``"unet-original"`` (``model.diffusion_model.*`` or bare sgm keys),
-    ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"`` (``lora_A``/``lora_B``), ``"diffusers-lora"`` (the
-    ``lora.down``/``lora.up`` layout ``save_lora_weights`` writes from training scripts, or the old
-    ``to_q_lora.down`` attention-processor layout) or ``"unknown"``.
+    ``"sdxl-checkpoint"`` / ``"sd-checkpoint"`` (full single file), ``"unet-original"``
+    (``model.diffusion_model.*`` or bare sgm keys), ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"``
+    (``lora_A``/``lora_B``), ``"diffusers-lora"`` (the ``lora.down``/``lora.up`` layout ``save_lora_weights`` writes
+    from training scripts, or the old ``to_q_lora.down`` attention-processor layout) or ``"unknown"``.
     """
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
@@ -107,7 +114,8 @@ def checkpoint_kind(keys) -> str:
     if any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith("conditioner.embedders.") for k in keys):
             return "sdxl-checkpoint"
-        return "sd-checkpoint" if any(k.startswith((SD1_CLIP_PREFIX, SD2_CLIP_PREFIX)) for k in keys) else "unet-original"
+        sd = any(k.startswith((SD1_CLIP_PREFIX, SD2_CLIP_PREFIX)) for k in keys)
+        return "sd-checkpoint" if sd else "unet-original"
     if "input_blocks.0.0.weight" in keys:
         return "unet-original"
     if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):

@@ -8,9 +8,10 @@ stored per module as a tensor ``<name>.alpha``. The kohya alpha of a module is t
 does) silently rescales every LoRA trained with ``lora_alpha != r``.
 
 Module names are UNet paths with dots replaced by underscores, in the naming of kohya's UNet for the architecture,
-as its trainers write them: the original (sgm) paths for SDXL (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``),
-the Diffusers paths for SD1.x/2.x (``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``, as
-sd-scripts' ``original_unet`` names its modules). ComfyUI, A1111/Forge and Diffusers read both namings.
+as its trainers write them: the original (sgm) paths for SDXL
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), the Diffusers paths for SD1.x/2.x
+(``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``, as sd-scripts' ``original_unet`` names
+its modules).
 """
 
 from __future__ import annotations

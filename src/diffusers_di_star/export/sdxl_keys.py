@@ -61,7 +61,7 @@ V_PRED_KEY = "v_pred"
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
-#: SD1.x's CLIP-L and SD2.x's OpenCLIP ViT-H, as diffusers' ``single_file_utils`` (``CHECKPOINT_KEY_NAMES``) finds them.
+#: SD1.x's CLIP-L and SD2.x's OpenCLIP ViT-H, as Diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES`` finds them.
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_CLIP_PREFIX = "cond_stage_model.model."
 
