@@ -162,10 +162,11 @@ def export_comfyui_checkpoint(
     components = _pipeline_components(model, torch_dtype, variant)
     state_dict = cast_floating(checkpoint_state_dict(components), torch_dtype)
     unet, vae = components["unet"], components["vae"]
-    side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     architecture = _architecture(unet.config, prediction_type)
     metadata = _model_metadata(out_path, model, conditioning_timestep, architecture)
-    metadata["modelspec.resolution"] = f"{side}x{side}"
+    if unet.config.sample_size is not None:  # a config built in code may leave it unset
+        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        metadata["modelspec.resolution"] = f"{side}x{side}"
     _mark_prediction_type(state_dict, metadata, prediction_type)
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
