@@ -312,6 +312,12 @@ def test_models_of_other_layouts_are_refused(tmp_path):
     (text_only / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ExportError, match=r"not an SDXL or SD1.x/2.x pipeline.*has no \['vae', 'text_encoder'\]"):
         export_comfyui_checkpoint(str(text_only), tmp_path / "out.safetensors")
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (sd3 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="is a StableDiffusion3Pipeline folder without a UNet: only SDXL and SD1.x"):
+        export_comfyui_unet(str(sd3), tmp_path / "out.safetensors")
     class_conditioned = UNet2DConditionModel(  # a timestep class embedding: neither SDXL's nor SD1.x/2.x's layout
         block_out_channels=(32, 64),
         layers_per_block=1,

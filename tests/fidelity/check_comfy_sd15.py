@@ -85,7 +85,8 @@ def components(version):
 
 def unet_inputs(context_dim):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([399.0, 399.0]), torch.randn(2, 77, context_dim, generator=g)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, context_dim, generator=g)
+    return x, torch.tensor([399.0, 399.0]), context
 
 
 def max_diff(a, b):

@@ -272,6 +272,11 @@ def _unet_location(path_or_id: str, subfolder: str | None) -> tuple[str, str | N
         return path_or_id, "unet" if subfolder is None else subfolder or None
     folder = os.path.join(path_or_id, subfolder or "")
     if os.path.isfile(os.path.join(folder, "model_index.json")):
+        if "unet" not in (index := _model_index(folder)):
+            raise ExportError(
+                f"{folder!r} is a {index.get('_class_name')} folder without a UNet: only SDXL and SD1.x/2.x "
+                f"generators export (docs/export.md says what ComfyUI reads of SD3 as it is)."
+            )
         return folder, "unet"
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder, None
