@@ -41,14 +41,26 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 VERSIONS = {
     "sd1": dict(
         unet={"cross_attention_dim": 768, "attention_head_dim": 8},
-        text={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "hidden_act": "quick_gelu", "projection_dim": 768},
-    ),  # fmt: skip
+        text={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+    ),
     "sd2": dict(
         unet={"cross_attention_dim": 1024, "attention_head_dim": (5, 10), "use_linear_projection": True},
-        text={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
-              "hidden_act": "gelu", "projection_dim": 512},
-    ),  # fmt: skip
+        text={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+        },
+    ),
 }
 
 
@@ -95,8 +107,9 @@ def max_diff(a, b):
 
 def check(version, prediction_type):
     ours = components(version)
-    path = export_comfyui_checkpoint(ours, f"{OUT}/{version}.safetensors", "fp32", prediction_type=prediction_type,
-                                     overwrite=True)  # fmt: skip
+    path = export_comfyui_checkpoint(
+        ours, f"{OUT}/{version}.safetensors", "fp32", prediction_type=prediction_type, overwrite=True
+    )
     warnings = Warnings()
     logging.getLogger().addHandler(warnings)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
@@ -108,14 +121,22 @@ def check(version, prediction_type):
 
     x, t, context = unet_inputs(ours["unet"].config.cross_attention_dim)
     expected = ours["unet"](x, t, encoder_hidden_states=context).sample
-    print("UNet  max |comfy - diffusers| =", max_diff(base.diffusion_model(x, t, context=context), expected),
-          " |out| max", expected.abs().max().item())  # fmt: skip
+    print(
+        "UNet  max |comfy - diffusers| =",
+        max_diff(base.diffusion_model(x, t, context=context), expected),
+        " |out| max",
+        expected.abs().max().item(),
+    )
 
     ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(1))
     comfy_text = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)(ids.tolist())[0]
     expected_text = ours["text_encoder"](ids).last_hidden_state
-    print(f"CLIP  max |comfy {clip.cond_stage_model.clip} - diffusers| =", max_diff(comfy_text, expected_text),
-          " |out| max", expected_text.abs().max().item())  # fmt: skip
+    print(
+        f"CLIP  max |comfy {clip.cond_stage_model.clip} - diffusers| =",
+        max_diff(comfy_text, expected_text),
+        " |out| max",
+        expected_text.abs().max().item(),
+    )
 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     expected_image = (ours["vae"].decode(z).sample / 2 + 0.5).clamp(0, 1).movedim(1, -1)
@@ -125,16 +146,21 @@ def check(version, prediction_type):
 
 def check_lora(ours, model, inputs, version):
     unet = ours["unet"]
-    config = LoraConfig(r=4, lora_alpha=16.0, init_lora_weights=False, rank_pattern={"ff.net.2": 2},
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1",
-                                        "time_emb_proj"])  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16.0,
+        init_lora_weights=False,
+        rank_pattern={"ff.net.2": 2},
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"],
+    )
     unet.add_adapter(config)
     for p in unet.parameters():  # the LoRA B starts at zero under PEFT's default; make every module count
         if p.requires_grad:
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     lora_dir = f"{OUT}/{version}_lora"
-    StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(unet),
-                                              unet_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(
+        lora_dir, unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict()
+    )
     base_dir = f"{OUT}/{version}_base"  # the architecture, as a Diffusers folder's unet/config.json
     UNet2DConditionModel.from_config(unet.config).save_config(f"{base_dir}/unet")
     kohya_path = f"{OUT}/{version}_kohya.safetensors"
@@ -149,10 +175,17 @@ def check_lora(ours, model, inputs, version):
     unet.disable_adapters()
     plain = unet(x, t, encoder_hidden_states=context).sample
     n = sum(k.endswith(".alpha") for k in load_file(kohya_path))
-    print(f"kohya LoRA ({n} modules, alpha 16, rank 4/2) through comfy.lora: NOT LOADED warnings:",
-          [m for m in warnings.messages if "NOT LOADED" in m] or "none")
-    print("UNet+LoRA max |comfy - diffusers/PEFT| =", max_diff(patched.model.diffusion_model(x, t, context=context),
-          expected), " (the LoRA moves the output by", max_diff(expected, plain), ")")  # fmt: skip
+    print(
+        f"kohya LoRA ({n} modules, alpha 16, rank 4/2) through comfy.lora: NOT LOADED warnings:",
+        [m for m in warnings.messages if "NOT LOADED" in m] or "none",
+    )
+    print(
+        "UNet+LoRA max |comfy - diffusers/PEFT| =",
+        max_diff(patched.model.diffusion_model(x, t, context=context), expected),
+        " (the LoRA moves the output by",
+        max_diff(expected, plain),
+        ")",
+    )
 
 
 if __name__ == "__main__":
