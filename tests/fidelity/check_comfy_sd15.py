@@ -176,8 +176,9 @@ def check_lora(ours, model, inputs, version):
     plain = unet(x, t, encoder_hidden_states=context).sample
     n = sum(k.endswith(".alpha") for k in load_file(kohya_path))
     print(
-        f"kohya LoRA ({n} modules, alpha 16, rank 4/2) through comfy.lora: NOT LOADED warnings:",
-        [m for m in warnings.messages if "NOT LOADED" in m] or "none",
+        f"kohya LoRA ({n} modules, alpha 16, rank 4/2) through comfy.lora, warnings ('lora key not loaded', "
+        "'NOT LOADED'):",
+        warnings.messages or "none",
     )
     print(
         "UNet+LoRA max |comfy - diffusers/PEFT| =",
