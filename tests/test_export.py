@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -829,6 +830,20 @@ def test_sd_kohya_lora_has_kohya_names_true_alpha_and_loads_in_diffusers(tiny_sd
     peft = load_file(os.path.join(back, "pytorch_lora_weights.safetensors"))
     saved = load_file(os.path.join(tiny_sd_lora["folder"], "pytorch_lora_weights.safetensors"))
     assert peft.keys() == saved.keys() and all(torch.equal(peft[k], saved[k]) for k in saved)
+
+
+def test_sd_v_lora_run_folder_exports_with_its_base_model_and_prediction_type(tiny_sd_dirs, tiny_sd_lora, tmp_path):
+    """A LoRA run folder names its base model (training_args.json): its architecture and v-prediction are used."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_args.json").write_text(
+        json.dumps({"use_lora": True, "pretrained_model_name_or_path": tiny_sd_dirs["sd2-v"]})
+    )
+    shutil.copy(os.path.join(tiny_sd_lora["folder"], "pytorch_lora_weights.safetensors"), run)
+    unet_file = load_file(export_model(str(run), "comfyui-unet", tmp_path / "unet.safetensors", dtype="fp32"))
+    assert V_PRED_KEY in unet_file and "input_blocks.0.0.weight" in unet_file
+    lora = export_model(str(run), "kohya-lora", tmp_path / "kohya.safetensors")
+    assert export_files.read_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
 def _modules_by_kohya_name(unet) -> dict[str, str]:

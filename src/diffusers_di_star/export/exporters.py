@@ -90,15 +90,18 @@ def _model_metadata(out_path, source, conditioning_timestep: int, architecture: 
 
 
 def _prediction_type(model, prediction_type: str | None) -> str:
-    """``prediction_type``, else the scheduler's of a pipeline (object, dict or folder / Hub id), else "epsilon": a
-    UNet alone (a DMD2 ``.bin``, a UNet folder) does not record it, so pass ``prediction_type`` for a v one."""
+    """``prediction_type``, else the scheduler's of a pipeline (object, dict or folder / Hub id, a LoRA run's base
+    model), else "epsilon": a UNet alone (a DMD2 ``.bin``, a UNet folder) does not record it, so pass
+    ``prediction_type`` for a v one."""
     if prediction_type is None:
         scheduler = model.get("scheduler") if isinstance(model, dict) else getattr(model, "scheduler", None)
         if scheduler is not None:
             prediction_type = scheduler.config.prediction_type
         elif isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
+            run = lora_run(os.fspath(model))
+            folder = os.fspath(model) if run is None else run["pretrained_model_name_or_path"]
             try:
-                prediction_type = DDPMScheduler.load_config(os.fspath(model), subfolder="scheduler")["prediction_type"]
+                prediction_type = DDPMScheduler.load_config(folder, subfolder="scheduler")["prediction_type"]
             except (OSError, ValueError, KeyError):
                 prediction_type = "epsilon"
         else:
