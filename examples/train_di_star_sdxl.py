@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--conditioning_timestep",
         type=timestep_number,
         default=None,
-        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3: the flow time σ* = 1.0).",
+        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3, FLUX: the flow time σ* = 1.0).",
     )
 
     lora = parser.add_argument_group("LoRA")
@@ -128,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--{role}_lora_target_modules",
             default=None,
             help="Comma separated, matched as peft does. Default: the model family's (SD/SDXL: "
-            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out).",
+            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out; "
+            "FLUX: also the feed-forward layers).",
         )
 
     di_star = parser.add_argument_group("DI* objective")
@@ -413,7 +414,8 @@ def load_reward(spec: str, **options):
 
 
 def resolve_family_defaults(args: argparse.Namespace):
-    """The model family's defaults for what was not given (t*, LoRA target modules), t* checked; returns the family.
+    """The model family's defaults for what was not given (t*, LoRA target modules), t* and the resolution checked;
+    returns the family.
 
     Reads only the model's ``model_index.json``: resuming compares these settings before anything loads.
     """
@@ -421,6 +423,7 @@ def resolve_family_defaults(args: argparse.Namespace):
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family_class.default_conditioning_timestep
     args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
+    family_class.check_resolution(args.resolution)
     for role in TRAINED_ROLES:
         if getattr(args, f"{role}_lora_target_modules") is None:
             setattr(args, f"{role}_lora_target_modules", ",".join(family_class.lora_target_modules))

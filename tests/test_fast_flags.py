@@ -52,9 +52,9 @@ def test_the_lazy_package_gives_every_public_name():
     assert DIStarSDXLPipeline is defined
     assert diffusers_di_star.__version__ == "0.1.0.dev0"
     assert diffusers_di_star.__all__ == [
-        "DEFAULT_CONDITIONING_TIMESTEP", "DIStarSD3Pipeline", "DIStarSDPipeline", "DIStarSDXLPipeline",
-        "DIStarSDXLPipelineOutput", "RewardModel", "decode_latents", "generate_x0", "load_generator_unet",
-        "load_reward",
+        "DEFAULT_CONDITIONING_TIMESTEP", "DIStarFluxPipeline", "DIStarSD3Pipeline", "DIStarSDPipeline",
+        "DIStarSDXLPipeline", "DIStarSDXLPipelineOutput", "RewardModel", "decode_latents", "generate_x0",
+        "load_generator_unet", "load_reward",
     ]  # fmt: skip
     assert set(diffusers_di_star.__all__) <= set(dir(diffusers_di_star))
     namespace = {}

@@ -9,7 +9,12 @@ from test_training_script import LORA, load_script, run, train_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from training_helpers import PROMPTS, RESOLUTION, PatternReward, tiny_conditioning
 
-from diffusers_di_star.testing import TINY_PROMPTS, save_tiny_sd3_pipeline, save_tiny_sd_pipeline
+from diffusers_di_star.testing import (
+    TINY_PROMPTS,
+    save_tiny_flux_pipeline,
+    save_tiny_sd3_pipeline,
+    save_tiny_sd_pipeline,
+)
 from diffusers_di_star.training import DIStarConfig, assistant_loss, generator_loss, setup_networks
 from diffusers_di_star.training.preflight import detect_model_family
 from diffusers_di_star.training.throughput import FlopCounter, iteration_flops, peak_flops
@@ -41,11 +46,14 @@ def test_meta_device_count_equals_a_counted_cpu_iteration(tiny_components, one_t
     assert per_image == expected and counter.get_total_flops() == len(PROMPTS) * per_image
 
 
-@pytest.mark.parametrize("save", [save_tiny_sd_pipeline, functools.partial(save_tiny_sd3_pipeline, with_t5=False)],
-                         ids=["sd", "sd3"])  # fmt: skip
+@pytest.mark.parametrize(
+    "save",
+    [save_tiny_sd_pipeline, functools.partial(save_tiny_sd3_pipeline, with_t5=False), save_tiny_flux_pipeline],
+    ids=["sd", "sd3", "flux"],
+)
 def test_every_family_is_counted_with_its_own_conditioning(save, tmp_path, one_thread):
-    """MFU for SD1.5 and SD3 too: the meta count, built from the family's conditioning and schedule, equals a counted
-    CPU iteration of the same networks (the family's own ∅, time sampling and network call)."""
+    """MFU for SD1.5, SD3 and FLUX too: the meta count, built from the family's conditioning and schedule, equals a
+    counted CPU iteration of the same networks (the family's own ∅, time sampling and network call; FLUX's packing)."""
     folder = save(tmp_path / "model")
     family = detect_model_family(folder).from_pretrained(folder)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False)

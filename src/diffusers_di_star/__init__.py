@@ -1,4 +1,4 @@
-"""diffusers-di-star: Diff-Instruct* (DI*) one-step SDXL, SD1.5/2.x and SD3 generators for Diffusers.
+"""diffusers-di-star: Diff-Instruct* (DI*) one-step SDXL, SD1.5/2.x, SD3 and FLUX.1 generators for Diffusers.
 
 The main entry points; the rest lives in its sub-module: ``losses`` (the DI* terms), ``rewards``, ``training``,
 ``export`` (ComfyUI / kohya), ``testing`` (a tiny offline SDXL).
@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         ".export": ("load_generator_unet",),
         ".one_step": ("DEFAULT_CONDITIONING_TIMESTEP", "decode_latents", "generate_x0"),
+        ".pipeline_di_star_flux": ("DIStarFluxPipeline",),
         ".pipeline_di_star_sd": ("DIStarSDPipeline",),
         ".pipeline_di_star_sd3": ("DIStarSD3Pipeline",),
         ".pipeline_di_star_sdxl": ("DIStarSDXLPipeline", "DIStarSDXLPipelineOutput"),

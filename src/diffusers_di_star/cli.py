@@ -152,8 +152,8 @@ def _add_export_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="convert a model for ComfyUI / A1111 / kohya tools, or back to Diffusers",
-        description="comfyui-checkpoint: full SDXL single file (Load Checkpoint); comfyui-unet: UNet only (Load "
-        "Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
+        description="comfyui-checkpoint: full SDXL or SD1.x/2.x single file (Load Checkpoint); comfyui-unet: UNet "
+        "only (Load Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
         "diffusers: a single file, UNet file, DMD2 .bin or kohya LoRA back to a Diffusers folder. See docs/export.md.",
     )
     p.add_argument("--model", required=True, help="local folder or file, or Hub id ('owner/name')")
@@ -163,8 +163,8 @@ def _add_export_parser(subparsers) -> None:
     p.add_argument(
         "--base-model",
         default=None,
-        help="Diffusers SDXL folder or Hub id giving the architecture (and, for --format diffusers, the tokenizers "
-        "and scheduler); default: SDXL base 1.0",
+        help="Diffusers SDXL or SD folder or Hub id giving the architecture (and, for --format diffusers, the "
+        "tokenizers and scheduler); default: a LoRA run's base model, else SDXL base 1.0",
     )
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--subfolder", default=None, help="subfolder of --model that holds the UNet")

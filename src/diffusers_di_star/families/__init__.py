@@ -1,5 +1,5 @@
-"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v), SD1.5/2.x (ε, v) and
-SD3 / SD3.5 (flow).
+"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v), SD1.5/2.x (ε, v),
+SD3 / SD3.5 (flow) and FLUX.1 (flow, guidance-distilled).
 
 :func:`family_for` picks the family of a Diffusers folder or Hub id from its ``model_index.json``.
 """
@@ -7,6 +7,7 @@ SD3 / SD3.5 (flow).
 from __future__ import annotations
 
 from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
+from .flux import FluxConditioning, FluxFamily
 from .sd import SDConditioning, SDFamily
 from .sd3 import SD3Conditioning, SD3Family
 from .sdxl import SDXLConditioning, SDXLFamily
@@ -14,6 +15,8 @@ from .sdxl import SDXLConditioning, SDXLFamily
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "FAMILIES",
+    "FluxConditioning",
+    "FluxFamily",
     "Conditioning",
     "ModelFamily",
     "SD3Conditioning",
@@ -28,7 +31,9 @@ __all__ = [
 ]
 
 #: Every family by name.
-FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily, SD3Family)}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    family.name: family for family in (SDXLFamily, SDFamily, SD3Family, FluxFamily)
+}
 
 
 def read_model_index(name: str, revision: str | None = None) -> dict:

@@ -27,6 +27,8 @@ How a new family plugs in
    Override :meth:`ModelFamily.load_scheduler` / :meth:`ModelFamily.schedule_from_scheduler` for a non-VP schedule
    (e.g. :class:`~diffusers_di_star.one_step.FlowSchedule`), :meth:`ModelFamily.sample_timesteps` for another π(t),
    :meth:`ModelFamily.denoise` if the network is not called as ``network(x_t, timestep, **cond.network_kwargs())``,
+   :meth:`ModelFamily.guided_eps` if CFG is not two branches (a guidance-distilled model: one call with γ),
+   :meth:`ModelFamily.baseline_scheduler` if the multi-step baseline does not sample with VP Euler,
    and :meth:`ModelFamily.save_lora_weights` / :meth:`ModelFamily.load_lora_state_dict` if its LoRA is not
    ``unet_lora_layers``.
 2. Register the class in ``families/__init__.py`` (:data:`~diffusers_di_star.families.FAMILIES`); detection by
@@ -44,7 +46,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..defaults import DEFAULT_LORA_TARGET_MODULES
-from ..losses import sample_timesteps
+from ..losses import cfg_eps, sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
 __all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily"]
@@ -120,6 +122,8 @@ class ModelFamily:
     network_subfolder: ClassVar[str] = "unet"
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
+    #: What a training resolution must be a multiple of: the VAE factor, times the patch size of a transformer.
+    resolution_multiple: ClassVar[int] = 8
     default_conditioning_timestep: ClassVar = DEFAULT_CONDITIONING_TIMESTEP
     lora_target_modules: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGET_MODULES
     #: For the model card (``hub.write_model_card``): what the model is, its Hub tag, its licence (Hub id, sentence).
@@ -188,6 +192,14 @@ class ModelFamily:
         return VPSchedule.from_scheduler(scheduler)
 
     @classmethod
+    def baseline_scheduler(cls, scheduler):
+        """The sampler of a multi-step baseline (``di-star eval`` with steps > 1): Euler on ``scheduler``'s schedule
+        (a one-step folder keeps its training schedule as an ``LCMScheduler``)."""
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(scheduler.config)
+
+    @classmethod
     def load_network(cls, name: str, revision: str | None = None, variant: str | None = None) -> torch.nn.Module:
         return cls.network_class().from_pretrained(
             name, subfolder=cls.network_subfolder, revision=revision, variant=variant
@@ -217,6 +229,16 @@ class ModelFamily:
 
         check_conditioning_timestep(conditioning_timestep)
         return conditioning_timestep
+
+    @classmethod
+    def check_resolution(cls, resolution: int) -> None:
+        """Raise ``ValueError`` naming ``resolution`` unless it is a multiple of :attr:`resolution_multiple`."""
+        if resolution % cls.resolution_multiple:
+            raise ValueError(
+                f"--resolution {resolution}: the {cls.name} family needs a multiple of {cls.resolution_multiple} "
+                f"(VAE factor {cls.vae_scale_factor} × the network's patch size), e.g. "
+                f"{max(cls.resolution_multiple, resolution // cls.resolution_multiple * cls.resolution_multiple)}."
+            )
 
     @classmethod
     def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
@@ -260,6 +282,18 @@ class ModelFamily:
         output = self.denoise(network, x_t, timesteps, cond)
         alpha_t, sigma_t = self.coefficients(timesteps, output)
         return output_to_eps(output, x_t, alpha_t, sigma_t, self.prediction_type)
+
+    def guided_eps(
+        self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
+    ) -> torch.Tensor:
+        """ε̂^γ(x_t, t, c), the CFG-enhanced reference (docs/math.md §4 Choice 2): the unconditional (∅) and
+        conditional outputs in one batch, combined by :func:`~diffusers_di_star.losses.cfg_eps`; plain ε̂ at γ = 1. A
+        guidance-distilled family (FLUX.1-dev) overrides this with one call that gives γ to the network."""
+        if guidance_scale == 1:
+            return self.eps(network, x_t, timesteps, cond)
+        both = self.eps(network, torch.cat([x_t, x_t]), timesteps.repeat(2), cond.unconditional().cat(cond))
+        eps_uncond, eps_cond = both.chunk(2)
+        return cfg_eps(eps_uncond, eps_cond, guidance_scale)
 
     def generate_x0(self, network: Callable, noise: torch.Tensor, cond: Conditioning, conditioning_timestep):
         """The one-step map x0 = g_θ(z, c) (:func:`~diffusers_di_star.one_step.one_step_x0`)."""
