@@ -33,7 +33,7 @@ import diffusers_di_star  # noqa: F401
 # The flags are parsed and checked with these torch-free modules; torch, diffusers and accelerate are imported below,
 # after the check: a mistyped flag fails in about a second (docs/training.md).
 from diffusers_di_star.defaults import DEFAULT_CONDITIONING_TIMESTEP, DEFAULT_LORA_TARGET_MODULES
-from diffusers_di_star.errors import DIStarError, is_disk_full
+from diffusers_di_star.errors import DIStarError, ModelLoadError, is_disk_full
 from diffusers_di_star.hub import VALIDATION_GRID, create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
 from diffusers_di_star.training.checkpointing import (
@@ -362,7 +362,6 @@ from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.training import (
     ROLES,
     assistant_loss,

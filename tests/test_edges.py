@@ -36,8 +36,8 @@ def test_one_set_of_defaults(script, tmp_path):
 
 def test_first_line_and_the_base_class():
     assert first_line(ValueError("\n  first\nsecond")) == "first" and first_line(KeyError()) == "KeyError"
+    from diffusers_di_star.errors import ModelLoadError
     from diffusers_di_star.export import ExportError
-    from diffusers_di_star.runtime import ModelLoadError
     from diffusers_di_star.training.checkpointing import CheckpointError
     from diffusers_di_star.weights import CheckpointError as WeightsError
 

@@ -59,14 +59,13 @@ from diffusers_di_star.export.sdxl_keys import (
     clip_l_from_original,
     vae_from_original,
 )
-from diffusers_di_star.runtime import DTYPES
 from diffusers_di_star.testing import (
     TEXT_HIDDEN_SIZES,
     get_tiny_sd_components,
     get_tiny_unet,
     save_tiny_sd_pipeline,
 )
-from diffusers_di_star.weights import CheckpointError
+from diffusers_di_star.weights import DTYPES, CheckpointError
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -21,6 +21,7 @@ from test_losses import (
 )
 
 from diffusers_di_star import DIStarSDPipeline, DIStarSDXLPipeline
+from diffusers_di_star.errors import ModelLoadError
 from diffusers_di_star.families import FAMILIES, SDFamily, SDXLFamily, detect_family, family_for
 from diffusers_di_star.losses import score_divergence_loss, time_weighting
 from diffusers_di_star.one_step import (
@@ -33,7 +34,6 @@ from diffusers_di_star.one_step import (
     output_to_x0,
     prediction_target,
 )
-from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.testing import (
     get_sd_scheduler,
     get_sdxl_scheduler,

@@ -71,7 +71,7 @@ def test_the_flag_names_match_the_tables_they_name():
     from test_training_script import load_script
 
     from diffusers_di_star import losses
-    from diffusers_di_star.runtime import DTYPES
+    from diffusers_di_star.weights import DTYPES
 
     assert tuple(losses.TIME_WEIGHTINGS) == defaults.TIME_WEIGHTING_NAMES
     y = torch.ones(1, 1, 2, 2)

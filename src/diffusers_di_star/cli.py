@@ -387,7 +387,7 @@ def _cmd_bench_memory(args) -> None:
 
 def _cmd_bench(args) -> None:
     from .benchmarking import SUITES, BenchSettings, run_benchmarks
-    from .runtime import DTYPES
+    from .weights import DTYPES
 
     if args.suite == "memory":
         _cmd_bench_memory(args)

@@ -43,5 +43,5 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 #: otherwise allocate its noise before failing. 256 one-step 1024² SDXL images are ~1 GiB of latents in fp32.
 MAX_BATCH_SIZE = 256
 
-#: The dtype names the command line and the export functions accept (``runtime.DTYPES`` maps them to torch dtypes).
+#: The dtype names the command line and the export functions accept (``weights.DTYPES`` maps them to torch dtypes).
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -32,8 +32,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_leaves
 
-from ..runtime import DTYPES
 from ..training.engine import all_finite
+from ..weights import DTYPES
 from .components import SIZES, ModelSize, build_pickscore_reward, build_text_encoders, build_unet, build_vae
 from .live_memory import PARTS, LiveMemory
 from .report import SuiteResult, markdown_table

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from ..errors import DIStarError
 from ..families import FAMILIES
 from ..rewards import WeightedSumReward, load_reward
-from ..runtime import DTYPES, default_device, load_pipeline
+from ..runtime import default_device, load_pipeline
 from ..sources import reward_load_failure
+from ..weights import DTYPES
 from .prompts import Prompt, PromptSet
 from .report import (
     TABLE_1_METRICS,

@@ -6,7 +6,8 @@ SD3 / SD3.5 (flow) and FLUX.1 (flow, guidance-distilled).
 
 from __future__ import annotations
 
-from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
+from ..errors import ModelLoadError
+from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily, read_model_index
 from .flux import FluxConditioning, FluxFamily
 from .sd import SDConditioning, SDFamily
 from .sd3 import SD3Conditioning, SD3Family
@@ -36,17 +37,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 
 
-def read_model_index(name: str, revision: str | None = None) -> dict:
-    """``model_index.json`` of a Diffusers folder or Hub id (raises ``OSError`` as ``from_pretrained`` would)."""
-    from diffusers import DiffusionPipeline
-
-    return dict(DiffusionPipeline.load_config(name, revision=revision))
-
-
 def family_for(model_index: dict, name: str) -> type[ModelFamily]:
     """The family whose pipeline class ``model_index["_class_name"]`` names; an unknown layout raises one line."""
-    from ..runtime import ModelLoadError
-
     class_name = model_index.get("_class_name")
     for family in FAMILIES.values():
         if class_name in family.pipeline_class_names:

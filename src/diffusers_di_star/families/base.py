@@ -17,11 +17,13 @@ How a new family plugs in
      of tensors gets all but ``unconditional`` and ``network_kwargs`` from :class:`TensorConditioning`;
    * class attributes: ``name`` (the ``--family`` word), ``pipeline_class_names`` (the ``_class_name`` values of a
      ``model_index.json`` that mean this family), ``network_subfolder`` (``"unet"`` / ``"transformer"``),
-     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, and for the model card
+     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, ``pipeline_name`` (its one-step
+     ``DIStar*Pipeline``, a name the package exports: :meth:`ModelFamily.pipeline_class` imports it on use, so a
+     family module never imports a pipeline module, which imports the family's helpers), and for the model card
      ``display_name``, ``hub_tag`` and ``license``;
-   * class methods: ``network_class()`` (e.g. ``UNet2DConditionModel``), ``pipeline_class()`` (its one-step
-     ``DIStar*Pipeline``), ``base_pipeline_class()`` (diffusers' multi-step pipeline, for baselines), and
-     ``load_text_models(name, revision, variant)`` → (tokenizers, text encoders);
+   * class methods: ``network_class()`` (e.g. ``UNet2DConditionModel``), ``base_pipeline_class()`` (diffusers'
+     multi-step pipeline, for baselines), and ``load_text_models(name, revision, variant)`` → (tokenizers, text
+     encoders);
    * methods: ``encode(prompts, resolution)`` → a conditioning, and ``pipeline_kwargs()`` (the pipeline's keyword
      arguments besides the VAE, the network, the scheduler and t*: its text models).
    Override :meth:`ModelFamily.load_scheduler` / :meth:`ModelFamily.schedule_from_scheduler` for a non-VP schedule
@@ -40,6 +42,7 @@ How a new family plugs in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
@@ -49,7 +52,14 @@ from ..defaults import DEFAULT_LORA_TARGET_MODULES
 from ..losses import cfg_eps, sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
-__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily"]
+__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily", "read_model_index"]
+
+
+def read_model_index(name: str, revision: str | None = None) -> dict:
+    """``model_index.json`` of a Diffusers folder or Hub id (raises ``OSError`` as ``from_pretrained`` would)."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(name, revision=revision))
 
 
 class Conditioning(Protocol):
@@ -119,6 +129,7 @@ class ModelFamily:
 
     name: ClassVar[str]
     pipeline_class_names: ClassVar[tuple[str, ...]]
+    pipeline_name: ClassVar[str]
     network_subfolder: ClassVar[str] = "unet"
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
@@ -155,7 +166,8 @@ class ModelFamily:
 
     @classmethod
     def pipeline_class(cls) -> type:
-        raise NotImplementedError
+        """The one-step pipeline, ``diffusers_di_star.<pipeline_name>``."""
+        return getattr(importlib.import_module(__package__.rpartition(".")[0]), cls.pipeline_name)
 
     @classmethod
     def base_pipeline_class(cls) -> type:

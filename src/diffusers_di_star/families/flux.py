@@ -186,6 +186,7 @@ class FluxFamily(SD3Family):
 
     name = "flux"
     pipeline_class_names = ("FluxPipeline",)
+    pipeline_name = "DIStarFluxPipeline"
     display_name = "FLUX.1"
     hub_tag = "flux"  # as diffusers' FLUX training scripts tag their model cards
     license = ("other", "the licence of the FLUX.1 model these weights derive from (FLUX.1-dev: non-commercial)")
@@ -210,12 +211,6 @@ class FluxFamily(SD3Family):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel
-
-    @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_flux import DIStarFluxPipeline
-
-        return DIStarFluxPipeline
 
     @classmethod
     def base_pipeline_class(cls):

@@ -51,6 +51,7 @@ class SDFamily(ModelFamily):
 
     name = "sd"
     pipeline_class_names = ("StableDiffusionPipeline",)
+    pipeline_name = "DIStarSDPipeline"
     display_name = "Stable Diffusion 1.x/2.x"
     hub_tag = "stable-diffusion"
     license = ("other", "the licence of the base model (CreativeML Open RAIL-M for SD1.x, Open RAIL++-M for SD2.x)")
@@ -60,12 +61,6 @@ class SDFamily(ModelFamily):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel
-
-    @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_sd import DIStarSDPipeline
-
-        return DIStarSDPipeline
 
     @classmethod
     def base_pipeline_class(cls):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import ModelFamily, TensorConditioning
+from .base import ModelFamily, TensorConditioning, read_model_index
 
 __all__ = [
     "DEFAULT_SIGMA_STAR",
@@ -128,6 +128,7 @@ class SD3Family(ModelFamily):
 
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    pipeline_name = "DIStarSD3Pipeline"
     display_name = "SD3 / SD3.5"
     hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
     license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
@@ -158,12 +159,6 @@ class SD3Family(ModelFamily):
         return SD3Transformer2DModel
 
     @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_sd3 import DIStarSD3Pipeline
-
-        return DIStarSD3Pipeline
-
-    @classmethod
     def base_pipeline_class(cls):
         from diffusers import StableDiffusion3Pipeline
 
@@ -173,8 +168,6 @@ class SD3Family(ModelFamily):
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
         """CLIP-L, CLIP-G and, when the folder has one, T5 (``text_encoder_3``), with their tokenizers."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        from . import read_model_index
 
         kwargs = {"revision": revision, "variant": variant}
         with_t5 = any(read_model_index(name, revision).get("text_encoder_3") or ())

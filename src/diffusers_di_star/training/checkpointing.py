@@ -32,12 +32,13 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import time
 import warnings
 from collections.abc import Callable, Mapping
 
 from ..errors import DIStarError, first_line, is_disk_full
-from .resume import check_manifest_contents, compare_settings, tensor_shapes
+from .resume import compare_settings
 
 __all__ = [
     "EMA_NAME",
@@ -67,6 +68,43 @@ _INCOMPLETE = re.compile(r"^checkpoint-(\d+)\.tmp$")
 
 class CheckpointError(DIStarError, ValueError):
     """A checkpoint or run folder that cannot be used as asked; the message names it and the fix."""
+
+
+def tensor_shapes(folder: str) -> dict[str, dict[str, list[int]]]:
+    """``{file: {tensor: shape}}`` of every ``.safetensors`` file under ``folder``, read from the headers only."""
+    shapes = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                path = os.path.join(root, name)
+                shapes[os.path.relpath(path, folder).replace(os.sep, "/")] = _header_shapes(path)
+    return dict(sorted(shapes.items()))
+
+
+def _header_shapes(path: str) -> dict[str, list[int]]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(min(length, 100 << 20)))
+    return {key: value["shape"] for key, value in sorted(header.items()) if key != "__metadata__"}
+
+
+def check_manifest_contents(checkpoint: str, manifest: dict) -> None:
+    """The manifest agrees with the files: its step with the folder's name, its shapes with the safetensors headers."""
+    path = os.path.join(checkpoint, MANIFEST_NAME)
+    step = manifest["step"]
+    folder = _COMPLETE.match(os.path.basename(os.path.normpath(checkpoint)))
+    if not isinstance(step, int) or step < 0 or (folder and int(folder.group(1)) != step):
+        raise CheckpointError(f"{path} is damaged (step {step!r} in a folder named {os.path.basename(checkpoint)})")
+    recorded = manifest.get("shapes")
+    if recorded is None:  # written by an older trainer
+        return
+    try:
+        actual = tensor_shapes(checkpoint)
+    except (OSError, ValueError, KeyError, struct.error) as error:
+        raise CheckpointError(f"{checkpoint}: a safetensors header cannot be read ({error})") from None
+    for name in sorted(set(recorded) | set(actual)):
+        if recorded.get(name) != actual.get(name):
+            raise CheckpointError(f"{path} is damaged (the tensor shapes of {name} differ from the file's)")
 
 
 def _by_step(output_dir: str, pattern: re.Pattern) -> list[str]:
@@ -397,9 +435,7 @@ def resolve_resume(
     """
     if resume_from_checkpoint is None:
         return None
-    return on_main_process(
-        accelerator, _resolve, output_dir, resume_from_checkpoint, settings, allow_model_change
-    )
+    return on_main_process(accelerator, _resolve, output_dir, resume_from_checkpoint, settings, allow_model_change)
 
 
 def _resolve(output_dir: str, resume_from_checkpoint: str, settings, allow_model_change: bool) -> str | None:
