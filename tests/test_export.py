@@ -47,7 +47,7 @@ from diffusers_di_star.export import (
 )
 from diffusers_di_star.export import files as export_files
 from diffusers_di_star.export.loading import build_empty_component
-from diffusers_di_star.export.sdxl_keys import (
+from diffusers_di_star.export.original_keys import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
     SD1_CLIP_PREFIX,

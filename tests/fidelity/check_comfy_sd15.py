@@ -21,7 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusers_di_star.configs import load_sdxl_config
 from diffusers_di_star.export import export_comfyui_checkpoint, export_kohya_lora
-from diffusers_di_star.export.sdxl_keys import V_PRED_KEY
+from diffusers_di_star.export.original_keys import V_PRED_KEY
 
 # Shims for the 2024 wheel on this venv (after Diffusers, which probes for torchvision): transformers 5 dropped
 # SpecialTokensMixin (imported, unused by what runs here); torchvision is imported by the Stable Cascade coder only.

@@ -8,7 +8,7 @@ tools, and back.
 * :func:`export_diffusers` — any of those files (or a DMD2 ``.bin``) back to Diffusers folders.
 * :func:`load_generator_unet` — a generator UNet from any published layout, for inference and training.
 
-The key mappings live in :mod:`.sdxl_keys` (UNet/VAE/CLIP layouts) and :mod:`.lora` (LoRA names and alphas); file
+The key mappings live in :mod:`.original_keys` (UNet/VAE/CLIP layouts) and :mod:`.lora` (LoRA names and alphas); file
 safety (safetensors or ``torch.load(weights_only=True)``, atomic writes) in :mod:`.files`. See ``docs/export.md``.
 """
 
@@ -23,7 +23,7 @@ from .exporters import (
 from .files import ExportError, load_state_dict_file
 from .loading import SDXL_BASE_MODEL_ID, checkpoint_kind, load_generator_unet, load_pipeline_components
 from .lora import kohya_lora_to_peft, peft_lora_to_kohya
-from .sdxl_keys import unet_from_original, unet_to_original
+from .original_keys import unet_from_original, unet_to_original
 from .single_file import checkpoint_state_dict, components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [

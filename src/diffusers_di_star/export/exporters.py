@@ -43,7 +43,7 @@ from .lora import (
     lora_metadata,
     peft_lora_to_kohya,
 )
-from .sdxl_keys import UNET_PREFIX, V_PRED_KEY, unet_version
+from .original_keys import UNET_PREFIX, V_PRED_KEY, unet_version
 from .single_file import checkpoint_state_dict, components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [
@@ -60,7 +60,7 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 UNET_KEY_LAYOUTS = {"comfyui": "", "single-file": UNET_PREFIX}
 #: ``scheduler.config.prediction_type`` -> SAI ModelSpec's ``modelspec.prediction_type``: what a single file can say.
 _MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-#: :func:`.sdxl_keys.unet_version` -> kohya's ``ss_base_model_version``.
+#: :func:`.original_keys.unet_version` -> kohya's ``ss_base_model_version``.
 _KOHYA_BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2", "sd1": "sd_v1"}
 
 

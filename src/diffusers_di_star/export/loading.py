@@ -21,7 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..configs import load_sdxl_config
 from ..sources import LORA_RUN_FILES, load_failure, local_path_problem, lora_run
 from .files import ExportError, cast_floating, load_state_dict_file
-from .sdxl_keys import (
+from .original_keys import (
     SD1_CLIP_PREFIX,
     SD2_CLIP_PREFIX,
     UNET_PREFIX,

@@ -28,7 +28,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils.other import get_pattern_key
 
 from .files import ExportError
-from .sdxl_keys import unet_key_map, unet_version
+from .original_keys import unet_key_map, unet_version
 
 __all__ = [
     "KOHYA_UNET_PREFIX",

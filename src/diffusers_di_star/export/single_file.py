@@ -1,10 +1,10 @@
 """Single-file checkpoints (ComfyUI "Load Checkpoint", A1111/Forge, kohya) <-> Diffusers components, for SDXL and
 SD1.x/2.x.
 
-A full checkpoint holds the UNet, the VAE and the text encoder(s) under their original prefixes (:mod:`.sdxl_keys`):
-SDXL's CLIP-L and bigG under ``conditioner.embedders.{0,1}``, SD1.x's CLIP-L or SD2.x's OpenCLIP ViT-H under
-``cond_stage_model``, chosen by :func:`.sdxl_keys.unet_version` as ComfyUI chooses the text encoder by the UNet. A
-UNet-only file holds the ``model.diffusion_model.*`` part alone, with the prefix (Diffusers'
+A full checkpoint holds the UNet, the VAE and the text encoder(s) under their original prefixes
+(:mod:`.original_keys`): SDXL's CLIP-L and bigG under ``conditioner.embedders.{0,1}``, SD1.x's CLIP-L or SD2.x's
+OpenCLIP ViT-H under ``cond_stage_model``, chosen by :func:`.original_keys.unet_version` as ComfyUI chooses the text
+encoder by the UNet. A UNet-only file holds the ``model.diffusion_model.*`` part alone, with the prefix (Diffusers'
 ``UNet2DConditionModel.from_single_file`` needs it) or without (every ComfyUI UNet loader reads that): see
 :func:`.exporters.export_comfyui_unet`.
 """
@@ -15,7 +15,7 @@ import torch
 
 from .files import ExportError
 from .loading import assign_weights, build_empty_component
-from .sdxl_keys import (
+from .original_keys import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
     SD1_CLIP_PREFIX,
