@@ -16,14 +16,14 @@ How a new family plugs in
      ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep); a dataclass
      of tensors gets all but ``unconditional`` and ``network_kwargs`` from :class:`TensorConditioning`;
    * class attributes: ``name`` (the ``--family`` word), ``pipeline_class_names`` (the ``_class_name`` values of a
-     ``model_index.json`` that mean this family), ``network_subfolder`` (``"unet"`` / ``"transformer"``),
+     ``model_index.json`` that mean this family; the first is diffusers' multi-step pipeline, for baselines),
+     ``network_class_name`` (diffusers' class of the network, e.g. ``UNet2DConditionModel``), ``network_subfolder``
+     (``"unet"`` / ``"transformer"``),
      ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, ``pipeline_name`` (its one-step
      ``DIStar*Pipeline``, a name the package exports: :meth:`ModelFamily.pipeline_class` imports it on use, so a
      family module never imports a pipeline module, which imports the family's helpers), and for the model card
      ``display_name``, ``hub_tag`` and ``license``;
-   * class methods: ``network_class()`` (e.g. ``UNet2DConditionModel``), ``base_pipeline_class()`` (diffusers'
-     multi-step pipeline, for baselines), and ``load_text_models(name, revision, variant)`` → (tokenizers, text
-     encoders);
+   * class method ``load_text_models(name, revision, variant)`` → (tokenizers, text encoders);
    * methods: ``encode(prompts, resolution)`` → a conditioning, and ``pipeline_kwargs()`` (the pipeline's keyword
      arguments besides the VAE, the network, the scheduler and t*: its text models).
    Override :meth:`ModelFamily.load_scheduler` / :meth:`ModelFamily.schedule_from_scheduler` for a non-VP schedule
@@ -46,6 +46,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
+import diffusers
 import torch
 
 from ..defaults import DEFAULT_LORA_TARGET_MODULES
@@ -130,6 +131,7 @@ class ModelFamily:
     name: ClassVar[str]
     pipeline_class_names: ClassVar[tuple[str, ...]]
     pipeline_name: ClassVar[str]
+    network_class_name: ClassVar[str]
     network_subfolder: ClassVar[str] = "unet"
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
@@ -162,7 +164,8 @@ class ModelFamily:
 
     @classmethod
     def network_class(cls) -> type[torch.nn.Module]:
-        raise NotImplementedError
+        """``diffusers.<network_class_name>``."""
+        return getattr(diffusers, cls.network_class_name)
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -171,7 +174,8 @@ class ModelFamily:
 
     @classmethod
     def base_pipeline_class(cls) -> type:
-        raise NotImplementedError
+        """diffusers' multi-step pipeline of the family (the first of ``pipeline_class_names``), for baselines."""
+        return getattr(diffusers, cls.pipeline_class_names[0])
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):

@@ -187,6 +187,7 @@ class FluxFamily(SD3Family):
     name = "flux"
     pipeline_class_names = ("FluxPipeline",)
     pipeline_name = "DIStarFluxPipeline"
+    network_class_name = "FluxTransformer2DModel"
     display_name = "FLUX.1"
     hub_tag = "flux"  # as diffusers' FLUX training scripts tag their model cards
     license = ("other", "the licence of the FLUX.1 model these weights derive from (FLUX.1-dev: non-commercial)")
@@ -205,18 +206,6 @@ class FluxFamily(SD3Family):
         super().__init__(schedule, tokenizers, text_encoders, scheduler, max_sequence_length=max_sequence_length)
         self.guidance = float(guidance)
         self.guidance_embeds = guidance_embeds
-
-    @classmethod
-    def network_class(cls):
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):

@@ -129,6 +129,7 @@ class SD3Family(ModelFamily):
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     pipeline_name = "DIStarSD3Pipeline"
+    network_class_name = "SD3Transformer2DModel"
     display_name = "SD3 / SD3.5"
     hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
     license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
@@ -151,18 +152,6 @@ class SD3Family(ModelFamily):
         self.joint_attention_dim = joint_attention_dim
         self.max_sequence_length = max_sequence_length
         self.shift = float(scheduler.config.shift) if scheduler is not None else 1.0
-
-    @classmethod
-    def network_class(cls):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):

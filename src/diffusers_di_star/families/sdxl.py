@@ -68,21 +68,10 @@ class SDXLFamily(ModelFamily):
     name = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     pipeline_name = "DIStarSDXLPipeline"
+    network_class_name = "UNet2DConditionModel"
     display_name = "SDXL"
     hub_tag = "stable-diffusion-xl"
     license = ("openrail++", "CreativeML Open RAIL++-M, the licence of SDXL, which these weights derive from")
-
-    @classmethod
-    def network_class(cls):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
