@@ -23,37 +23,21 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 # First: importing the package installs its log filters (quiet.py) before diffusers imports transformers.
 import diffusers_di_star  # noqa: F401
 
 # isort: split
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL
-from diffusers.optimization import SchedulerType, get_scheduler
-from diffusers.utils import make_image_grid
-from safetensors import SafetensorError
-from tqdm.auto import tqdm
-
-from diffusers_di_star.errors import DIStarError, is_disk_full
+# The flags are parsed and checked with these torch-free modules; torch, diffusers and accelerate are imported below,
+# after the check: a mistyped flag fails in about a second (docs/training.md).
+from diffusers_di_star.defaults import DEFAULT_CONDITIONING_TIMESTEP, DEFAULT_LORA_TARGET_MODULES
+from diffusers_di_star.errors import DIStarError, ModelLoadError, is_disk_full
 from diffusers_di_star.hub import VALIDATION_GRID, create_hub_repo, push_folder, write_model_card
-from diffusers_di_star.one_step import DEFAULT_CONDITIONING_TIMESTEP
-from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
-from diffusers_di_star.training import (
-    DEFAULT_LORA_TARGET_MODULES,
-    ROLES,
-    DIStarConfig,
-    assistant_loss,
-    generator_loss,
-    load_prompts,
-    prompt_batch,
-    setup_networks,
-)
 from diffusers_di_star.training.checkpointing import (
+    CheckpointWriteError,
     check_run_folder,
     checkpoint_dirs,
     load_checkpoint,
@@ -61,39 +45,19 @@ from diffusers_di_star.training.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from diffusers_di_star.training.config import add_config_arguments
-from diffusers_di_star.training.ema import ShardedEMA
-from diffusers_di_star.training.engine import (
-    ROLE_DIRS,
-    backward,
-    check_accelerator,
-    check_engine,
-    dtype_policy,
-    gather_unet,
-    load_state,
-    local_main_first,
-    optimisation_step,
-    prepare_networks,
-    register_checkpoint_hooks,
-)
-from diffusers_di_star.training.preflight import (
-    check_lora_targets,
-    detect_model_family,
-    load_network_config,
-)
-from diffusers_di_star.training.prompt_cache import PromptEmbeddingCache
+from diffusers_di_star.training.config import DIStarConfig, add_config_arguments
 from diffusers_di_star.training.resume import check_step_bound, resume_settings
 from diffusers_di_star.training.run_folder import acquire_run_lock, check_process_group, clear_previous_run
 from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
-from diffusers_di_star.training.throughput import iteration_flops, peak_flops
 
-logger = get_logger(__name__)
-
-#: diffusers' schedules that need nothing beyond warm-up and length (piecewise_constant needs step rules).
-LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+#: diffusers' schedules (``diffusers.optimization.SchedulerType``, named here so the flag is checked before diffusers
+#: loads; a test keeps them equal) that need nothing beyond warm-up and length (piecewise_constant needs step rules).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+#: The networks that train, each with its LoRA flags, optimiser and checkpoint folder.
+TRAINED_ROLES = ("generator", "assistant")
 #: The flags that only mean something with --use_lora.
 LORA_FLAGS = ("rank",) + tuple(
-    f"{role}_lora_{key}" for role in ("generator", "assistant") for key in ("rank", "alpha", "target_modules")
+    f"{role}_lora_{key}" for role in TRAINED_ROLES for key in ("rank", "alpha", "target_modules")
 )
 MIN_VALUES = {
     "train_batch_size": 1,
@@ -119,6 +83,7 @@ CONFIG_FLAGS = (
     "min_timestep", "max_timestep", "assistant_updates_per_step", "resolution",
 )  # fmt: skip
 LORA_RANK_DEFAULT = DIStarConfig.generator_lora_rank
+T = TypeVar("T")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,13 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--conditioning_timestep",
         type=timestep_number,
         default=None,
-        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3: the flow time σ* = 1.0).",
+        help="t* of the one-step map. Default: the family's (SDXL, SD: 399; SD3, FLUX: the flow time σ* = 1.0).",
     )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of full UNets.")
     lora.add_argument("--rank", type=int, default=None, help="Both LoRA ranks (Diffusers' examples' flag).")
-    for role in ("generator", "assistant"):
+    for role in TRAINED_ROLES:
         lora.add_argument(
             f"--{role}_lora_rank", type=int, default=None, help=f"Default: --rank, else {LORA_RANK_DEFAULT}."
         )
@@ -163,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--{role}_lora_target_modules",
             default=None,
             help="Comma separated, matched as peft does. Default: the model family's (SD/SDXL: "
-            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out).",
+            f"{','.join(DEFAULT_LORA_TARGET_MODULES)}; SD3: also the text stream's add_*_proj and to_add_out; "
+            "FLUX: also the feed-forward layers).",
         )
 
     di_star = parser.add_argument_group("DI* objective")
@@ -290,7 +256,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{', '.join(lora_flags)} only apply to LoRA training: add --use_lora, or drop them for a full finetune."
         )
-    for role in ("generator", "assistant"):
+    for role in TRAINED_ROLES:
         rank = getattr(args, f"{role}_lora_rank") or args.rank or LORA_RANK_DEFAULT
         setattr(args, f"{role}_lora_rank", rank)
         setattr(args, f"{role}_lora_alpha", getattr(args, f"{role}_lora_alpha") or float(rank))
@@ -331,21 +297,12 @@ def parse_reward_options(items: list[str]) -> dict[str, dict[str, str]]:
         raise ValueError(str(error).replace("--reward-option", "--reward_option")) from None
 
 
-def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_processes: int) -> None:
-    """``--num_train_epochs`` as steps: one epoch is ⌈prompts / (batch × accumulation × processes)⌉ steps, the
-    prompts that ``prompt_batch`` draws in one seeded permutation."""
-    if args.num_train_epochs is not None:
-        per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-        args.max_train_steps = args.num_train_epochs * math.ceil(num_prompts / per_step)
-        logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
-
-
 def make_config(args: argparse.Namespace) -> DIStarConfig:
-    lora = {f"{r}_lora_{key}": getattr(args, f"{r}_lora_{key}") for r in ROLE_DIRS for key in ("rank", "alpha")}
+    lora = {f"{r}_lora_{key}": getattr(args, f"{r}_lora_{key}") for r in TRAINED_ROLES for key in ("rank", "alpha")}
     # Target modules: as given, else the family's (resolve_family_defaults), else DIStarConfig's until it has run.
     modules = {
         name: [m.strip() for m in getattr(args, name).split(",") if m.strip()]
-        for name in (f"{role}_lora_target_modules" for role in ROLE_DIRS)
+        for name in (f"{role}_lora_target_modules" for role in TRAINED_ROLES)
         if getattr(args, name) is not None
     }
     return DIStarConfig(
@@ -357,6 +314,89 @@ def make_config(args: argparse.Namespace) -> DIStarConfig:
         **lora,
         **modules,
     )
+
+
+class TrainingStopped(DIStarError, RuntimeError):
+    """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
+
+
+#: Errors the user causes and can fix: one line ``train_di_star_sdxl.py: error: …`` and exit 2 (as the `di-star`
+#: commands): the package's DIStarError, and ValueError for bad input checked by libraries (argparse-free checks in
+#: DIStarConfig, load_prompts, the reward registry) and ImportError for a missing optional package.
+USER_ERRORS = (DIStarError, ValueError, ImportError)
+
+
+def report_user_errors(argv: list[str], run: Callable[[], T]) -> T | int:
+    """``run()``, or a user error's exit status (2; 1 for :class:`TrainingStopped`) after printing it as one line;
+    ``--debug`` or ``DI_STAR_DEBUG=1`` re-raises it."""
+    try:
+        return run()
+    except USER_ERRORS as error:
+        if "--debug" in argv or os.environ.get("DI_STAR_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingStopped) else 2
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main(parse_args(argv))`` with user errors as one line (:func:`report_user_errors`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return report_user_errors(argv, lambda: main(parse_args(argv)))
+
+
+if __name__ == "__main__":  # every flag is checked before the imports below load torch, diffusers and accelerate
+    ARGS = report_user_errors(sys.argv[1:], lambda: parse_args(sys.argv[1:]))
+    if not isinstance(ARGS, argparse.Namespace):
+        sys.exit(ARGS)
+
+# isort: split
+# The heavy imports, once the flags are known to be good.
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+
+from diffusers_di_star.training import (
+    ROLES,
+    assistant_loss,
+    generator_loss,
+    load_prompts,
+    prompt_batch,
+    setup_networks,
+)
+from diffusers_di_star.training.ema import ShardedEMA
+from diffusers_di_star.training.engine import (
+    backward,
+    check_accelerator,
+    check_engine,
+    dtype_policy,
+    gather_unet,
+    load_state,
+    local_main_first,
+    optimisation_step,
+    prepare_networks,
+    register_checkpoint_hooks,
+)
+from diffusers_di_star.training.preflight import check_lora_targets, detect_model_family, load_network_config
+from diffusers_di_star.training.prompt_cache import PromptEmbeddingCache
+from diffusers_di_star.training.throughput import iteration_flops, peak_flops
+
+logger = get_logger(__name__)
+
+
+def resolve_max_train_steps(args: argparse.Namespace, num_prompts: int, num_processes: int) -> None:
+    """``--num_train_epochs`` as steps: one epoch is ⌈prompts / (batch × accumulation × processes)⌉ steps, the
+    prompts that ``prompt_batch`` draws in one seeded permutation."""
+    if args.num_train_epochs is not None:
+        per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+        args.max_train_steps = args.num_train_epochs * math.ceil(num_prompts / per_step)
+        logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
 
 
 def load_reward(spec: str, **options):
@@ -373,7 +413,8 @@ def load_reward(spec: str, **options):
 
 
 def resolve_family_defaults(args: argparse.Namespace):
-    """The model family's defaults for what was not given (t*, LoRA target modules), t* checked; returns the family.
+    """The model family's defaults for what was not given (t*, LoRA target modules), t* and the resolution checked;
+    returns the family.
 
     Reads only the model's ``model_index.json``: resuming compares these settings before anything loads.
     """
@@ -381,7 +422,8 @@ def resolve_family_defaults(args: argparse.Namespace):
     if args.conditioning_timestep is None:
         args.conditioning_timestep = family_class.default_conditioning_timestep
     args.conditioning_timestep = family_class.check_conditioning_timestep(args.conditioning_timestep)
-    for role in ("generator", "assistant"):
+    family_class.check_resolution(args.resolution)
+    for role in TRAINED_ROLES:
         if getattr(args, f"{role}_lora_target_modules") is None:
             setattr(args, f"{role}_lora_target_modules", ",".join(family_class.lora_target_modules))
     return family_class
@@ -398,13 +440,9 @@ def check_models(args: argparse.Namespace):
             raise ModelLoadError(problem)
     if args.use_lora:
         di_star = make_config(args)
-        targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in ROLE_DIRS}
+        targets = {f"--{r}_lora_target_modules": getattr(di_star, f"{r}_lora_target_modules") for r in TRAINED_ROLES}
         check_lora_targets(config, targets, family_class.network_class())
     return family_class
-
-
-class TrainingStopped(DIStarError, RuntimeError):
-    """The run cannot go on (e.g. only non-finite steps); printed as one line, exit 1."""
 
 
 def last_checkpoint_note(output_dir: str) -> str:
@@ -422,9 +460,9 @@ def non_finite_message(output_dir: str, skipped: int) -> str:
     )
 
 
-def disk_full_message(output_dir: str, lost: str) -> str:
+def disk_full_message(output_dir: str, lost: str, on_rank: str = "") -> str:
     return (
-        f"disk full at {output_dir}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
+        f"disk full at {output_dir}{on_rank}: {lost}; {last_checkpoint_note(output_dir)}. Free some space (or use "
         "--checkpoints_total_limit)."
     )
 
@@ -656,10 +694,11 @@ def main(args: argparse.Namespace) -> int:
             save_checkpoint(
                 accelerator, args.output_dir, step, accelerator.save_state, settings, args.checkpoints_total_limit, ema
             )
-        except (OSError, SafetensorError) as error:
-            if not is_disk_full(error):
+        except CheckpointWriteError as error:  # raised on every rank alike, naming the rank whose write failed
+            if not error.disk_full:
                 raise
-            raise TrainingStopped(disk_full_message(args.output_dir, f"checkpoint-{step} was not written")) from None
+            lost = f"checkpoint-{step} was not written ({error.cause})"
+            raise TrainingStopped(disk_full_message(args.output_dir, lost, error.on_rank)) from None
         return step
 
     def conditioning_batches(step):
@@ -678,9 +717,9 @@ def main(args: argparse.Namespace) -> int:
     images_per_step = args.train_batch_size * gas * world
     peak = peak_flops(accelerator.device, accelerator.mixed_precision)
     flops_per_image = None
-    if peak is not None and accelerator.is_main_process and family.name == "sdxl":  # counted for SDXL's layout
+    if peak is not None and accelerator.is_main_process:
         cond = next(conditioning_batches(global_step))[1]
-        flops_per_image = iteration_flops(networks, config, cond, family.schedule.alphas_cumprod, vae)
+        flops_per_image = iteration_flops(networks, config, cond, family, vae)
     stop = StopRequest()  # SIGTERM: finish the step, then every rank saves and exits together
     while global_step < args.max_train_steps:
         if stop.agreed(accelerator):
@@ -821,25 +860,6 @@ def export(args, networks, generator_unet, family, vae, weight_dtype: torch.dtyp
     return 0
 
 
-#: Errors the user causes and can fix: one line ``train_di_star_sdxl.py: error: …`` and exit 2 (as the `di-star`
-#: commands): the package's DIStarError, and ValueError for bad input checked by libraries (argparse-free checks in
-#: DIStarConfig, load_prompts, the reward registry) and ImportError for a missing optional package.
-USER_ERRORS = (DIStarError, ValueError, ImportError)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``main(parse_args(argv))`` with user errors as one line; ``--debug`` or ``DI_STAR_DEBUG=1`` re-raises them."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("DI_STAR_DEBUG", "") not in ("", "0")
-    try:
-        return main(parse_args(argv))
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
-        return 1 if isinstance(error, TrainingStopped) else 2
-
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(report_user_errors(sys.argv[1:], lambda: main(ARGS)))

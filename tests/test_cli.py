@@ -169,9 +169,9 @@ def _bad_input_cases(tmp_path):
 
 def test_every_command_checks_numbers_and_out_before_loading(tmp_path, capsys, monkeypatch):
     """Issue 11: one line, exit 2, before any model loads (loading would fail differently: the models do not exist)."""
-    import diffusers_di_star.cli as cli
+    import diffusers_di_star.runtime as runtime
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runtime, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     for argv, message in _bad_input_cases(tmp_path):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -36,8 +36,8 @@ def test_one_set_of_defaults(script, tmp_path):
 
 def test_first_line_and_the_base_class():
     assert first_line(ValueError("\n  first\nsecond")) == "first" and first_line(KeyError()) == "KeyError"
+    from diffusers_di_star.errors import ModelLoadError
     from diffusers_di_star.export import ExportError
-    from diffusers_di_star.runtime import ModelLoadError
     from diffusers_di_star.training.checkpointing import CheckpointError
     from diffusers_di_star.weights import CheckpointError as WeightsError
 
@@ -120,9 +120,12 @@ def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tm
     with pytest.raises(script.TrainingStopped) as stopped:
         run(script, *args)
     assert str(stopped.value) == (
-        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written; the last checkpoint, checkpoint-1, is intact "
-        "(--resume_from_checkpoint latest). Free some space (or use --checkpoints_total_limit)."
+        f"disk full at {tmp_path / 'out'}: checkpoint-2 was not written (OSError: [Errno 28] No space left on "
+        "device); the last checkpoint, checkpoint-1, is intact (--resume_from_checkpoint latest). Free some space "
+        "(or use --checkpoints_total_limit)."
     )
+    # What the failed save wrote is removed (it frees space); checkpoint-1 stays the newest.
+    assert sorted(name for name in os.listdir(tmp_path / "out") if name.startswith("checkpoint")) == ["checkpoint-1"]
     assert "Saving current state" not in caplog.text and "saved " in caplog.text  # one line of ours per save
 
 
@@ -139,9 +142,9 @@ def test_trainer_disk_full_names_the_intact_checkpoint(script, tiny_sdxl_dir, tm
     ],
 )  # fmt: skip
 def test_cli_edges_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
-    import diffusers_di_star.cli as cli
+    import diffusers_di_star.runtime as runtime
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(runtime, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -1,20 +1,24 @@
-"""Export and import: single-file SDXL checkpoints, kohya LoRA, legacy generator checkpoints, ``di-star export``.
+"""Export and import: single-file SDXL and SD1.x/2.x checkpoints, kohya LoRA, legacy generator checkpoints,
+``di-star export``.
 
 Diffusers' own readers (``from_single_file``, ``convert_ldm_*``, ``load_lora_weights``) are the independent checks:
 the installed Diffusers only converts original -> Diffusers, so our writer and its reader cannot share a mistake.
-Full-size SDXL is checked on the meta device (no weights in memory); values are checked on the tiny SDXL.
+Full-size SDXL, SD1.5 and SD2.1 are checked on the meta device (no weights in memory); values on the tiny models.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig
@@ -27,33 +31,41 @@ from diffusers_di_star.export import (
     FORMATS,
     ExportError,
     checkpoint_kind,
+    checkpoint_state_dict,
+    components_from_checkpoint,
     export_comfyui_checkpoint,
     export_comfyui_unet,
     export_diffusers,
     export_kohya_lora,
+    export_model,
     load_generator_unet,
-    load_sdxl_components,
+    load_pipeline_components,
     load_state_dict_file,
     peft_lora_to_kohya,
-    sdxl_checkpoint_state_dict,
-    sdxl_components_from_checkpoint,
     unet_from_original,
     unet_to_original,
 )
 from diffusers_di_star.export import files as export_files
 from diffusers_di_star.export.loading import build_empty_component
-from diffusers_di_star.export.sdxl_keys import (
+from diffusers_di_star.export.original_keys import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
+    SD1_CLIP_PREFIX,
+    SD2_CLIP_PREFIX,
     UNET_PREFIX,
+    V_PRED_KEY,
     VAE_PREFIX,
     clip_g_from_original,
     clip_l_from_original,
     vae_from_original,
 )
-from diffusers_di_star.runtime import DTYPES
-from diffusers_di_star.testing import TEXT_HIDDEN_SIZES, get_tiny_unet
-from diffusers_di_star.weights import CheckpointError
+from diffusers_di_star.testing import (
+    TEXT_HIDDEN_SIZES,
+    get_tiny_sd_components,
+    get_tiny_unet,
+    save_tiny_sd_pipeline,
+)
+from diffusers_di_star.weights import DTYPES, CheckpointError
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -94,7 +106,7 @@ def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module, dtyp
 # ----------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tiny(tiny_sdxl_dir) -> dict:
-    return load_sdxl_components(tiny_sdxl_dir)
+    return load_pipeline_components(tiny_sdxl_dir)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +122,7 @@ def meta_sdxl() -> dict:
 
 @pytest.fixture(scope="module")
 def meta_checkpoint(meta_sdxl) -> dict[str, torch.Tensor]:
-    return sdxl_checkpoint_state_dict(meta_sdxl)
+    return checkpoint_state_dict(meta_sdxl)
 
 
 # ------------------------------------------------------------------------------------------- full-size layout
@@ -178,7 +190,7 @@ def test_tiny_checkpoint_loads_identically_with_diffusers_from_single_file(tiny_
 
 
 def test_tiny_checkpoint_converts_back_to_a_diffusers_pipeline(tiny_sdxl_dir, tiny, tiny_checkpoint, tmp_path):
-    components = sdxl_components_from_checkpoint(load_state_dict_file(tiny_checkpoint), base_model=tiny_sdxl_dir)
+    components = components_from_checkpoint(load_state_dict_file(tiny_checkpoint), base_model=tiny_sdxl_dir)
     export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir)
     out = export_diffusers(tiny_checkpoint, tmp_path / "pipe", base_model=tiny_sdxl_dir, overwrite=True)  # folder swap
     assert os.listdir(tmp_path) == ["pipe"]
@@ -195,7 +207,7 @@ def test_half_precision_checkpoint_casts_only_floating_weights(tiny_sdxl_dir, ti
     checkpoint = load_file(path)
     assert checkpoint[f"{CLIP_L_PREFIX}text_model.embeddings.position_ids"].dtype == torch.int64
     assert {v.dtype for k, v in checkpoint.items() if not k.endswith("position_ids")} == {torch_dtype}
-    components = sdxl_components_from_checkpoint(checkpoint, base_model=tiny_sdxl_dir)
+    components = components_from_checkpoint(checkpoint, base_model=tiny_sdxl_dir)
     assert_same_weights(tiny["unet"], components["unet"], torch_dtype)
 
 
@@ -293,14 +305,20 @@ def test_pickle_with_code_is_refused(tmp_path):
     assert not _unpickled_code_ran
 
 
-def test_non_sdxl_models_are_refused(tiny_sdxl_dir, tmp_path):
-    sd15_pipeline = tmp_path / "sd15"
-    sd15_pipeline.mkdir()
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
-    (sd15_pipeline / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ExportError, match=r"not an SDXL pipeline.*has no \['vae', 'text_encoder', 'text_encoder_2'\]"):
-        export_comfyui_checkpoint(str(sd15_pipeline), tmp_path / "out.safetensors")
-    sd15_unet = UNet2DConditionModel(  # SD 1.5's layout: no added "text_time" conditioning
+def test_models_of_other_layouts_are_refused(tmp_path):
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    index = {"_class_name": "SomePipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (text_only / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match=r"not an SDXL or SD1.x/2.x pipeline.*has no \['vae', 'text_encoder'\]"):
+        export_comfyui_checkpoint(str(text_only), tmp_path / "out.safetensors")
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (sd3 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="is a StableDiffusion3Pipeline folder without a UNet: only SDXL and SD1.x"):
+        export_comfyui_unet(str(sd3), tmp_path / "out.safetensors")
+    class_conditioned = UNet2DConditionModel(  # a timestep class embedding: neither SDXL's nor SD1.x/2.x's layout
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=16,
@@ -309,10 +327,11 @@ def test_non_sdxl_models_are_refused(tiny_sdxl_dir, tmp_path):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=4,
         sample_size=8,
+        class_embed_type="timestep",
     )
-    sd15_unet.save_pretrained(tmp_path / "sd15_unet")
-    with pytest.raises(ExportError, match="not an SDXL UNet: addition_embed_type=None"):
-        export_comfyui_unet(str(tmp_path / "sd15_unet"), tmp_path / "out.safetensors")
+    class_conditioned.save_pretrained(tmp_path / "class_unet")
+    with pytest.raises(ExportError, match="not an SDXL or SD1.x/2.x UNet: class_embed_type='timestep'"):
+        export_comfyui_unet(str(tmp_path / "class_unet"), tmp_path / "out.safetensors")
     assert not os.path.exists(tmp_path / "out.safetensors")
 
 
@@ -538,22 +557,20 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
 TRAINER = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_di_star_sdxl.py")
 
 
-@pytest.fixture(scope="module")
-def trained_lora(tiny_sdxl_dir, tmp_path_factory) -> str:
-    """A real trainer run (issue 11, case 6): one LoRA step, saved as the trainer saves it (``lora.down`` keys)."""
+def _train_lora(model: str, folder) -> str:
+    """A real trainer run: one LoRA step on ``model``, saved as the trainer saves it (``lora.down`` keys)."""
     import importlib.util
 
     from accelerate.state import AcceleratorState
 
     from diffusers_di_star.testing import TINY_PROMPTS
 
-    folder = tmp_path_factory.mktemp("trained")
     (folder / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
     spec = importlib.util.spec_from_file_location("train_di_star_sdxl", TRAINER)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     AcceleratorState._reset_state(reset_partial_state=True)
-    args = ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--train_data_file", str(folder / "prompts.txt"),
+    args = ["--pretrained_model_name_or_path", str(model), "--train_data_file", str(folder / "prompts.txt"),
             "--output_dir", str(folder / "run"), "--resolution", "64", "--train_batch_size", "1",
             "--max_train_steps", "1", "--learning_rate", "1e-2", "--reward_scale", "0", "--report_to", "none",
             "--checkpointing_steps", "1000", "--use_lora", "--generator_lora_rank", "4",
@@ -563,6 +580,12 @@ def trained_lora(tiny_sdxl_dir, tmp_path_factory) -> str:
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     return str(folder / "run")
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_sdxl_dir, tmp_path_factory) -> str:
+    """Issue 11, case 6: the trainer's SDXL LoRA run folder."""
+    return _train_lora(tiny_sdxl_dir, tmp_path_factory.mktemp("trained"))
 
 
 def test_trainer_lora_exports_to_kohya_and_loads_back_equal(tiny_sdxl_dir, trained_lora, tmp_path, capsys):
@@ -626,3 +649,213 @@ def test_conditioning_timestep_is_checked_before_loading(timestep, tmp_path, cap
     code = main(["export", "--model", missing, "--format", "comfyui-unet", "--out", out,
                  "--conditioning-timestep", str(timestep)])  # fmt: skip
     assert code == 2 and f"got {timestep}" in capsys.readouterr().err and not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------------------------ SD1.x / SD2.x
+SD_COMPONENTS = ("unet", "vae", "text_encoder")
+# Full-size SD1.5 and SD2.1 UNets and text encoders (their Hub configs, the fields that shape the weights).
+SD_UNET_CONFIGS = {
+    "sd1": {"attention_head_dim": 8, "cross_attention_dim": 768},
+    "sd2": {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True},
+}
+SD_TEXT_CONFIGS = {
+    "sd1": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "hidden_act": "quick_gelu", "projection_dim": 768},
+    "sd2": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+            "hidden_act": "gelu", "projection_dim": 512},
+}  # fmt: skip
+
+
+def _meta_sd(version: str) -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_config = {
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **SD_UNET_CONFIGS[version],
+    }
+    vae = {k: v for k, v in load_sdxl_config("vae").items() if not k.startswith("_")}  # SD's VAE architecture
+    with init_empty_weights():
+        return {
+            "unet": UNet2DConditionModel(**unet_config),
+            "vae": AutoencoderKL(**vae),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD_TEXT_CONFIGS[version])),
+        }
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_full_size_sd_single_file_matches_diffusers_converters(version):
+    components = _meta_sd(version)
+    checkpoint = checkpoint_state_dict(components)
+    assert single_file_utils.infer_diffusers_model_type(checkpoint) == {"sd1": "v1", "sd2": "v2"}[version]
+    unet = components["unet"]
+    theirs = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    text_encoder = components["text_encoder"]
+    if version == "sd1":
+        assert checkpoint[f"{SD1_CLIP_PREFIX}text_model.embeddings.position_ids"].dtype == torch.int64
+        text = single_file_utils.convert_ldm_clip_checkpoint(checkpoint)
+        text.pop("text_model.embeddings.position_ids")
+    else:  # open_clip's fused attention, 23 of ViT-H's 24 layers, no projection (SD2.x's Diffusers encoder)
+        assert checkpoint[f"{SD2_CLIP_PREFIX}transformer.resblocks.22.attn.in_proj_weight"].shape == (3072, 1024)
+        assert not any(k.startswith(f"{SD2_CLIP_PREFIX}transformer.resblocks.23.") for k in checkpoint)
+        text = single_file_utils.convert_open_clip_checkpoint(text_encoder, checkpoint, prefix=SD2_CLIP_PREFIX)
+    text = {k.removeprefix("text_model."): v.shape for k, v in text.items()}
+    assert text == {k: v.shape for k, v in text_encoder.state_dict().items()}
+    prefixes = (UNET_PREFIX, VAE_PREFIX, {"sd1": SD1_CLIP_PREFIX, "sd2": SD2_CLIP_PREFIX}[version])
+    counts = [sum(k.startswith(p) for k in checkpoint) for p in prefixes]
+    assert counts == {"sd1": [686, 248, 197], "sd2": [686, 248, 280]}[version] and sum(counts) == len(checkpoint)
+
+
+def _save_tiny_sd1(path) -> str:
+    """The tiny SD with SD1.x's layout: convolution proj_in/proj_out and a quick-GELU (OpenAI CLIP-L) encoder."""
+    from transformers import CLIPTextModel
+
+    components = get_tiny_sd_components()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel.from_config(
+        {**components["unet"].config, "use_linear_projection": False}
+    )
+    encoder = components["text_encoder"]
+    encoder.config.hidden_act = "quick_gelu"
+    components["text_encoder"] = CLIPTextModel(encoder.config)
+    components["text_encoder"].load_state_dict(encoder.state_dict())
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dirs(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    return {"sd1": _save_tiny_sd1(folder / "sd1"), "sd2-v": save_tiny_sd_pipeline(folder / "sd2-v", 0, "v_prediction")}
+
+
+def _one_step_images(model: str, lora_dir=None, weight_name=None):
+    from diffusers_di_star import DIStarSDPipeline
+
+    pipe = DIStarSDPipeline.from_pretrained(model)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, weight_name=weight_name)
+    return pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd2-v"])
+def test_sd_single_file_round_trips_exactly_through_diffusers_and_ours(tiny_sd_dirs, model, tmp_path):
+    folder, v = tiny_sd_dirs[model], model.endswith("-v")
+    path = export_comfyui_checkpoint(folder, tmp_path / "sd.safetensors", dtype="fp32")
+    checkpoint = load_file(path)
+    assert checkpoint_kind(checkpoint) == "sd-checkpoint" and (V_PRED_KEY in checkpoint) == v
+    clip_prefix = SD2_CLIP_PREFIX if v else SD1_CLIP_PREFIX  # the tiny SD2 is OpenCLIP's layout, the SD1 CLIP-L's
+    assert f"{clip_prefix}{'token_embedding.weight' if v else 'text_model.final_layer_norm.weight'}" in checkpoint
+    metadata = export_files.read_metadata(path)
+    assert metadata["modelspec.architecture"] == ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v1")
+    assert metadata["modelspec.prediction_type"] == ("v" if v else "epsilon")
+    original = StableDiffusionPipeline.from_pretrained(folder)
+    theirs = StableDiffusionPipeline.from_single_file(path, config=folder, local_files_only=True)
+    for name in SD_COMPONENTS:
+        assert_same_weights(getattr(original, name), getattr(theirs, name))
+    with pytest.raises(ExportError, match="is an SD1.x/2.x single file: pass --base-model"):
+        export_diffusers(path, tmp_path / "nope")
+    back = export_diffusers(path, tmp_path / "back", base_model=folder)
+    scheduler = json.loads(open(os.path.join(back, "scheduler", "scheduler_config.json")).read())
+    assert scheduler["prediction_type"] == ("v_prediction" if v else "epsilon")
+    np.testing.assert_array_equal(_one_step_images(back), _one_step_images(folder))  # the same pixels, bit for bit
+
+    unet_path = export_comfyui_unet(folder, tmp_path / "unet.safetensors", dtype="fp32")
+    unet_file = load_file(unet_path)
+    assert "input_blocks.0.0.weight" in unet_file and (V_PRED_KEY in unet_file) == v
+    assert_same_weights(original.unet, load_generator_unet(unet_path, base_model=folder))
+
+
+def test_sd_layout_and_text_encoder_activation_must_agree(tmp_path):
+    components = get_tiny_sd_components()  # SD2.x's layout (linear projections) with an OpenCLIP-style GELU encoder
+    components["text_encoder"].config.hidden_act = "quick_gelu"
+    with pytest.raises(ExportError, match=r"SD2.x \(OpenCLIP\) layout, but the text encoder uses hidden_act="):
+        export_comfyui_checkpoint(components, tmp_path / "x.safetensors")
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_lora(tmp_path_factory) -> dict:
+    """A LoRA on the tiny SD2.x-layout UNet: lora_alpha != r for every module, one module with another rank."""
+    unet = get_tiny_sd_components()["unet"]
+    config = LoraConfig(
+        r=RANK, lora_alpha=LORA_ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2",
+        "conv1", "time_emb_proj"], init_lora_weights=False, rank_pattern={"ff.net.2": 2},
+    )  # fmt: skip
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([399, 399]),
+        "encoder_hidden_states": torch.randn(2, 7, TEXT_HIDDEN_SIZES[0], generator=generator),
+    }
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    folder = tmp_path_factory.mktemp("sd_lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict()
+    )
+    return {"folder": str(folder), "inputs": inputs, "expected": expected}
+
+
+def test_sd_kohya_lora_has_kohya_names_true_alpha_and_loads_in_diffusers(tiny_sd_dirs, tiny_sd_lora, tmp_path):
+    base = tiny_sd_dirs["sd2-v"]
+    path = export_kohya_lora(tiny_sd_lora["folder"], tmp_path / "kohya.safetensors", dtype="fp32", base_model=base)
+    kohya = load_file(path)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # sd-scripts' SD1/2 naming
+    assert kohya[f"{name}.alpha"].item() == LORA_ALPHA
+    assert kohya["lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2.lora_down.weight"].shape[0] == 2
+    metadata = export_files.read_metadata(path)
+    assert metadata["ss_base_model_version"] == "sd_v2"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    # kohya's formula on the Diffusers weights the names point at: W + alpha / rank · up·down
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    weights, modules = unet.state_dict(), _modules_by_kohya_name(unet)
+    for key, down in kohya.items():
+        if key.endswith(".lora_down.weight"):
+            module = key.split(".")[0]
+            up, alpha = kohya[f"{module}.lora_up.weight"], kohya[f"{module}.alpha"].item()
+            weight = weights[modules[module] + ".weight"]
+            weight += alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    unet.load_state_dict(weights)
+    torch.testing.assert_close(_output(unet, tiny_sd_lora), tiny_sd_lora["expected"], rtol=1e-5, atol=1e-5)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    torch.testing.assert_close(_output(pipe.unet, tiny_sd_lora), tiny_sd_lora["expected"], rtol=1e-5, atol=1e-5)
+    back = export_diffusers(path, tmp_path / "peft", base_model=base)  # kohya -> PEFT, exactly the saved tensors
+    peft = load_file(os.path.join(back, "pytorch_lora_weights.safetensors"))
+    saved = load_file(os.path.join(tiny_sd_lora["folder"], "pytorch_lora_weights.safetensors"))
+    assert peft.keys() == saved.keys() and all(torch.equal(peft[k], saved[k]) for k in saved)
+
+
+def test_sd_v_lora_run_folder_exports_with_its_base_model_and_prediction_type(tiny_sd_dirs, tiny_sd_lora, tmp_path):
+    """A LoRA run folder names its base model (training_args.json): its architecture and v-prediction are used."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_args.json").write_text(
+        json.dumps({"use_lora": True, "pretrained_model_name_or_path": tiny_sd_dirs["sd2-v"]})
+    )
+    shutil.copy(os.path.join(tiny_sd_lora["folder"], "pytorch_lora_weights.safetensors"), run)
+    unet_file = load_file(export_model(str(run), "comfyui-unet", tmp_path / "unet.safetensors", dtype="fp32"))
+    assert V_PRED_KEY in unet_file and "input_blocks.0.0.weight" in unet_file
+    lora = export_model(str(run), "kohya-lora", tmp_path / "kohya.safetensors")
+    assert export_files.read_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def _modules_by_kohya_name(unet) -> dict[str, str]:
+    """sd-scripts' SD1.x/2.x names: ``lora_unet_`` + the Diffusers module path with dots replaced by underscores."""
+    return {"lora_unet_" + k.rsplit(".", 1)[0].replace(".", "_"): k.rsplit(".", 1)[0] for k in unet.state_dict()}
+
+
+def test_trainer_sd_lora_run_exports_to_kohya_and_loads_back_equal(tiny_sd_dirs, tmp_path_factory, tmp_path):
+    run = _train_lora(tiny_sd_dirs["sd1"], tmp_path_factory.mktemp("trained_sd"))
+    path = export_model(run, "kohya-lora", tmp_path / "kohya.safetensors", dtype="fp32")  # base model: the run's
+    assert export_files.read_metadata(path)["ss_base_model_version"] == "sd_v1"
+    assert {v.item() for k, v in load_file(path).items() if k.endswith(".alpha")} == {8.0}  # the trained alpha
+    with_run = _one_step_images(tiny_sd_dirs["sd1"], run)
+    assert np.abs(with_run - _one_step_images(tiny_sd_dirs["sd1"])).max() > 1e-4  # the LoRA is not a no-op
+    np.testing.assert_allclose(_one_step_images(tiny_sd_dirs["sd1"], str(tmp_path), "kohya.safetensors"), with_run,
+                               rtol=0, atol=1e-6)  # fmt: skip

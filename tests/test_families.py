@@ -21,6 +21,7 @@ from test_losses import (
 )
 
 from diffusers_di_star import DIStarSDPipeline, DIStarSDXLPipeline
+from diffusers_di_star.errors import ModelLoadError
 from diffusers_di_star.families import FAMILIES, SDFamily, SDXLFamily, detect_family, family_for
 from diffusers_di_star.losses import score_divergence_loss, time_weighting
 from diffusers_di_star.one_step import (
@@ -33,7 +34,6 @@ from diffusers_di_star.one_step import (
     output_to_x0,
     prediction_target,
 )
-from diffusers_di_star.runtime import ModelLoadError
 from diffusers_di_star.testing import (
     get_sd_scheduler,
     get_sdxl_scheduler,
@@ -166,11 +166,11 @@ def test_sd_pipeline_saves_a_plain_sd_folder(tmp_path):
 def test_family_detection_and_the_unknown_layout_error(tiny_sdxl_dir, tmp_path):
     assert detect_family(tiny_sdxl_dir) is SDXLFamily
     assert detect_family(save_tiny_sd_pipeline(tmp_path / "sd")) is SDFamily
-    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["x", "y"]}
+    index = {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["x", "y"]}
     with pytest.raises(ModelLoadError) as error:
-        family_for(index, "black-forest-labs/FLUX.1-dev")
+        family_for(index, "Efficient-Large-Model/Sana_1600M_1024px_diffusers")
     message = str(error.value)
-    assert "\n" not in message and "FluxPipeline" in message and "transformer, vae" in message
+    assert "\n" not in message and "SanaPipeline" in message and "transformer, vae" in message
     assert all(f"{name} (" in message for name in FAMILIES)
 
 

@@ -24,11 +24,16 @@ from test_losses import (
 from test_training_script import LORA, lora_tensors, run, train_args
 
 from diffusers_di_star import DIStarSD3Pipeline
-from diffusers_di_star.families import SD3Family, detect_family
+from diffusers_di_star.families import FluxFamily, SD3Family, detect_family
 from diffusers_di_star.families.sd3 import check_sigma_star, shift_sigmas
 from diffusers_di_star.losses import score_distance, score_divergence_loss, time_weighting
 from diffusers_di_star.one_step import FlowSchedule, diffuse, output_to_eps
-from diffusers_di_star.testing import TINY_PROMPTS, get_tiny_sd3_components, save_tiny_sd3_pipeline
+from diffusers_di_star.testing import (
+    TINY_PROMPTS,
+    get_flux_scheduler,
+    get_tiny_sd3_components,
+    save_tiny_sd3_pipeline,
+)
 from diffusers_di_star.training import DIStarConfig, generator_loss
 
 PROMPTS = list(TINY_PROMPTS[:2])
@@ -126,8 +131,16 @@ def test_time_sampler_one_step_time_and_detection(tiny_sd3, tmp_path):
 # ---- Theorem 3.1 for a flow model -------------------------------------------------------------------------------
 
 
-def test_theorem_3_1_for_a_flow_model():
-    """∇_θ D == ∇_θ L_DI* on the rectified-flow kernel x_t = (1 − σ)·x0 + σ·ε, σ ~ the SD3 family's π, with the
+@pytest.mark.parametrize(
+    "family",
+    [
+        SD3Family(FlowSchedule(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)),
+        FluxFamily(FlowSchedule(), scheduler=get_flux_scheduler()),  # π with the dynamic shift at 1024²
+    ],
+    ids=["sd3", "flux"],
+)
+def test_theorem_3_1_for_a_flow_model(family):
+    """∇_θ D == ∇_θ L_DI* on the rectified-flow kernel x_t = (1 − σ)·x0 + σ·ε, σ ~ the family's π, with the
     assistant and the reference as exact velocity networks read through ε̂ = x_t + (1 − σ)·v (the conversion's x_t
     term carries part of the input gradient; reading v as ε fails by far).
 
@@ -137,7 +150,6 @@ def test_theorem_3_1_for_a_flow_model():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64)
     eps = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64)
-    family = SD3Family(FlowSchedule(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     sigma = family.sample_timesteps(N_SAMPLES, DIStarConfig(), g).double()
     alpha_t, sigma_t = family.coefficients(sigma, z)
     weight = time_weighting(weighting, alpha_t, sigma_t)

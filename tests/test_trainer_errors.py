@@ -1,6 +1,7 @@
 """The trainer's user errors: one line ``train_di_star_sdxl.py: error: …``, exit 2, raised before any model loads."""
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -193,7 +194,7 @@ def test_validation_images_go_to_tensorboard(script, tmp_path):
 
 
 class OneProcess:
-    is_main_process, num_processes = True, 1
+    is_main_process, num_processes, process_index = True, 1, 0
 
     def wait_for_everyone(self):
         pass
@@ -207,15 +208,51 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     settings = {"use_lora": True}
     checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 1, write, settings, total_limit=1)
 
-    def dies(folder):
+    def fails(folder):
         write(folder)
-        raise RuntimeError("killed")
+        raise PermissionError(13, "Permission denied", os.path.join(folder, "state.bin"))
 
-    with pytest.raises(RuntimeError):
-        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, dies, settings, total_limit=1)
+    # A write that raises: one error naming the file, what was written is removed, checkpoint-1 stays the newest.
+    with pytest.raises(checkpointing.CheckpointWriteError) as failed:
+        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, fails, settings, total_limit=1)
+    assert str(failed.value).startswith(
+        f"checkpoint-2 was not written (PermissionError: [Errno 13] Permission denied: "
+        f"'{tmp_path / 'checkpoint-2.tmp' / 'state.bin'}'); the newest complete checkpoint is unchanged"
+    )
+    assert not failed.value.disk_full and os.listdir(tmp_path) == ["checkpoint-1"]
+
+    def killed(folder):  # the process dies mid-save: no handler runs
+        write(folder)
+        raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 2, killed, settings, total_limit=1)
     assert checkpointing.checkpoint_dirs(str(tmp_path)) == ["checkpoint-1"]
     assert checkpointing.incomplete_dirs(str(tmp_path)) == ["checkpoint-2.tmp"]
     with pytest.raises(ValueError, match="half-written.*previous intact checkpoint is checkpoint-1"):
         checkpointing.resolve_resume(OneProcess(), str(tmp_path), str(tmp_path / "checkpoint-2.tmp"), settings)
     checkpointing.save_checkpoint(OneProcess(), str(tmp_path), 3, write, settings, total_limit=1)
     assert os.listdir(tmp_path) == ["checkpoint-3"]
+
+
+def test_a_failed_role_write_is_raised_after_the_other_roles_gather(tmp_path):
+    """The checkpoint hook on the main process: when writing generator/ fails, the assistant's gather (which the other
+    ranks are in, under FSDP) still runs before the error is raised, so no rank waits in it forever."""
+    from types import SimpleNamespace
+
+    from diffusers_di_star.training.engine import register_checkpoint_hooks
+
+    hooks, gathered = [], []
+    accelerator = SimpleNamespace(
+        is_main_process=True, register_save_state_pre_hook=hooks.append, register_load_state_pre_hook=hooks.append
+    )
+    networks = SimpleNamespace(use_lora=True, lora_state_dict=lambda role: gathered.append(role) or ({}, {}))
+
+    def disk_full(folder, state_dict, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", folder)
+
+    register_checkpoint_hooks(accelerator, networks, SimpleNamespace(save_lora_weights=disk_full))
+    weights = ["prepared unit"]
+    with pytest.raises(OSError, match="No space left on device: .*generator"):
+        hooks[0]([], weights, str(tmp_path))
+    assert gathered == ["generator", "assistant"] and weights == []

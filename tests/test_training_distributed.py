@@ -30,15 +30,17 @@ FSDP_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_8gpu.ya
 FSDP1_CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp1_8gpu.yaml")
 
 # Runs the example (stub reward) once per entry of the JSON list in DI_STAR_TEST_RUNS, in one process group:
-# {"name", "args", "refused", "status", "sigterm", "nan"}. A run with "refused" must fail with a ValueError, whose
-# message is recorded; the others must return "status" (default 0). "sigterm": [rank, n] sends SIGTERM to that rank at
-# its n-th generator-loss call; "nan": [rank, n] makes that call's loss NaN on that rank only. For
+# {"name", "args", "refused", "stopped", "status", "sigterm", "nan", "enospc"}. A run with "refused" must fail with a
+# ValueError, whose message is recorded; one with "stopped" runs the script's command line (`cli`), whose exit status,
+# printed error and the --output_dir listing are recorded; the others must return "status" (default 0). "sigterm":
+# [rank, n] sends SIGTERM to that rank at its n-th generator-loss call; "nan": [rank, n] makes that call's loss NaN on
+# that rank only; "enospc": [rank, n] makes that rank's n-th checkpoint save fail writing its own file (disk full). For
 # each other run every rank records, under <probe>/<name>/, its generator's initial trainable parameters, how its
 # prepared units' parameters are laid out (after `prepare` and at the end), its final generator parameters
 # (unsharded engines) and each export it made.
 LAUNCHER = textwrap.dedent(
     """
-    import glob, importlib.util, json, os, signal, sys
+    import contextlib, errno, glob, importlib.util, io, json, os, signal, sys
     import torch
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -92,6 +94,19 @@ LAUNCHER = textwrap.dedent(
         loss, terms = generator_loss(*args, **kwargs)
         return (loss * float("nan"), terms) if run.get("nan") == [rank, loss_calls["n"]] else (loss, terms)
 
+    save_calls = {{"n": 0}}
+
+    def filling_save_state(self, folder, *args, **kwargs):  # "enospc": the disk fills as this rank writes its RNG file
+        result = save_state(self, folder, *args, **kwargs)
+        save_calls["n"] += 1
+        if run.get("enospc") == [rank, save_calls["n"]]:
+            path = os.path.join(folder, f"random_states_{{rank}}.pkl")
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return result
+
+    save_state = script.Accelerator.save_state
+    script.Accelerator.save_state = filling_save_state
     generator_loss = script.generator_loss
     script.setup_networks, script.prepare_networks = recording_setup, recording_prepare
     script.export, script.generator_loss = recording_export, signalling_generator_loss
@@ -111,7 +126,16 @@ LAUNCHER = textwrap.dedent(
             except ValueError as error:
                 open(os.path.join(probe, f"refused-rank{{rank}}.txt"), "w").write(str(error))
             continue
-        loss_calls["n"] = 0
+        loss_calls["n"] = save_calls["n"] = 0
+        if run.get("stopped"):
+            printed = io.StringIO()
+            with contextlib.redirect_stderr(printed):
+                status = script.cli(sys.argv[1:] + run["args"])
+            open(os.path.join(probe, f"status-rank{{rank}}"), "w").write(str(status))
+            open(os.path.join(probe, f"stderr-rank{{rank}}.txt"), "w").write(printed.getvalue())
+            with open(os.path.join(probe, f"listing-rank{{rank}}.json"), "w") as f:
+                json.dump(sorted(os.listdir(args.output_dir)), f)
+            continue
         status = script.main(args)
         open(os.path.join(probe, f"status-rank{{rank}}"), "w").write(str(status))
         open(os.path.join(probe, f"loss-calls-rank{{rank}}"), "w").write(str(loss_calls["n"]))
@@ -168,7 +192,8 @@ LORA = ["--use_lora", "--generator_lora_rank", "4", "--assistant_lora_rank", "4"
 
 @pytest.fixture(scope="module")
 def runs(tiny_sdxl_dir, tmp_path_factory):
-    """Two launches: DDP (LoRA, full, full stopped by SIGTERM on rank 1 and resumed) and FSDP
+    """Two launches: DDP (LoRA, full, full stopped by SIGTERM on rank 1 and resumed, full stopped by a full disk on
+    rank 1 and resumed) and FSDP
     (full with validation, full resumed from checkpoint-1)."""
     ddp, fsdp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("fsdp")
     ddp_probe = launch(
@@ -184,6 +209,12 @@ def runs(tiny_sdxl_dir, tmp_path_factory):
              "nan": [1, 1]},
             {"name": "after-sigterm",
              "args": [*FULL, "--checkpointing_steps", "2", "--output_dir", str(ddp / "sigterm"),
+                      "--resume_from_checkpoint", "latest"]},
+            # Rank 1's disk fills while it writes its part of checkpoint-2; then the same command resumes.
+            {"name": "disk-full", "stopped": True, "enospc": [1, 2],
+             "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(ddp / "disk-full")]},
+            {"name": "after-disk-full",
+             "args": [*FULL, "--checkpointing_steps", "1", "--output_dir", str(ddp / "disk-full"),
                       "--resume_from_checkpoint", "latest"]},
         ],
     )  # fmt: skip
@@ -382,3 +413,26 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all_ranks(runs):
     rank0, rank1 = (torch.load(probe / f"generator-rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
     assert all(torch.isfinite(p).all() for p in rank0) and any(p.abs().max() > 0 for p in rank0[1::2])
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line_and_keeps_the_last_checkpoint(runs):
+    out, probe = runs["ddp"][0], runs["ddp"][1]
+    failed = out / "disk-full" / "checkpoint-2.tmp" / "random_states_1.pkl"
+    # Both ranks left the save together (none waited in a collective) with the same line, naming rank 1 and its file.
+    assert [(probe / "disk-full" / f"status-rank{r}").read_text() for r in (0, 1)] == ["1", "1"]
+    expected = (
+        f"train_di_star_sdxl.py: error: disk full at {out / 'disk-full'} on rank 1: checkpoint-2 was not written "
+        f"(OSError: [Errno 28] No space left on device: '{failed}'); the last checkpoint, checkpoint-1, is intact "
+        "(--resume_from_checkpoint latest). Free some space (or use --checkpoints_total_limit)."
+    )
+    for rank in (0, 1):
+        printed = (probe / "disk-full" / f"stderr-rank{rank}.txt").read_text()  # (among progress bars)
+        assert printed[printed.index("train_di_star_sdxl.py: error:") :].splitlines()[0] == expected
+        assert "Traceback" not in printed
+    # Nothing of checkpoint-2 was kept, so `latest` is checkpoint-1; resuming from it redid step 2 exactly.
+    listing = json.loads((probe / "disk-full" / "listing-rank0.json").read_text())
+    assert [name for name in listing if name.startswith("checkpoint")] == ["checkpoint-1"]
+    assert (probe / "after-disk-full" / "status-rank0").read_text() == "0"
+    expected, actual = unet_weights(out / "full" / "unet"), unet_weights(out / "disk-full" / "unet")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

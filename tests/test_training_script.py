@@ -1,5 +1,6 @@
 """``examples/train_di_star_sdxl.py`` end to end on the tiny SDXL: modes, outputs, checkpoints, failures."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -353,9 +354,10 @@ def test_ema_is_stored_as_safetensors(lora_run):
 
 def test_non_finite_stop_does_not_claim_a_checkpoint(script, tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch):
     """Case 9: with no checkpoint saved yet, the message says so."""
-    from diffusers_di_star.training import engine
+    from diffusers_di_star.training.engine import optimisation_step
 
-    monkeypatch.setattr(engine, "all_finite", lambda *a: False)
+    never_finite = functools.partial(optimisation_step, finite=lambda accelerator, *values: False)
+    monkeypatch.setattr(script, "optimisation_step", never_finite)
     args = train_args(tiny_sdxl_dir, prompt_file, tmp_path, *LORA, "--max_skipped_steps", "2")
     with pytest.raises(script.TrainingStopped, match="2 non-finite steps in a row: stopping; no checkpoint was saved"):
         run(script, *args)

@@ -3,7 +3,9 @@
 Each sub-command is a ``_add_<name>_parser`` function that registers its arguments and its ``_cmd_<name>`` handler.
 Errors a user can fix (:class:`~diffusers_di_star.errors.DIStarError`: :class:`CLIError`, ``ModelLoadError``,
 ``ExportError``, ...) are printed as one line, no traceback, exit 2.
-Numbers and ``--out`` are checked (:func:`_check_args`) before any handler runs, hence before any model loads.
+Numbers and ``--out`` are checked (:func:`_check_args`) before any handler runs, hence before any model loads, and
+before torch, diffusers and transformers are imported (the handlers import them): a mistyped flag fails in about a
+second. Only ``--device`` needs torch to be checked, last.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import math
 import os
 import sys
 
+from .defaults import DTYPE_NAMES, MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
 from .errors import DIStarError, first_line, is_disk_full
-from .pipeline_di_star_sdxl import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
-from .runtime import DTYPES, default_device, default_dtype, load_pipeline
 from .sources import reward_option_problem
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
+_DTYPE_CHOICES = sorted(DTYPE_NAMES)
 
 
 class CLIError(DIStarError):
@@ -41,7 +43,7 @@ def _add_generate_parser(subparsers) -> None:
     p.add_argument(
         "--out", default="outputs", help="output folder (created if missing); existing images are never replaced"
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=_cmd_generate)
@@ -90,6 +92,8 @@ def _save_new_png(image, path: str) -> str:
 def _cmd_generate(args) -> None:
     import torch
     from tqdm.auto import tqdm
+
+    from .runtime import default_device, default_dtype, load_pipeline
 
     prompts = args.prompt + (_read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
@@ -148,19 +152,19 @@ def _add_export_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="convert a model for ComfyUI / A1111 / kohya tools, or back to Diffusers",
-        description="comfyui-checkpoint: full SDXL single file (Load Checkpoint); comfyui-unet: UNet only (Load "
-        "Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
+        description="comfyui-checkpoint: full SDXL or SD1.x/2.x single file (Load Checkpoint); comfyui-unet: UNet "
+        "only (Load Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
         "diffusers: a single file, UNet file, DMD2 .bin or kohya LoRA back to a Diffusers folder. See docs/export.md.",
     )
     p.add_argument("--model", required=True, help="local folder or file, or Hub id ('owner/name')")
     p.add_argument("--format", required=True, choices=_EXPORT_FORMATS)
     p.add_argument("--out", required=True, help="output .safetensors file (a folder for --format diffusers)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 (diffusers: keep as stored)")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="default: fp16 (diffusers: keep as stored)")
     p.add_argument(
         "--base-model",
         default=None,
-        help="Diffusers SDXL folder or Hub id giving the architecture (and, for --format diffusers, the tokenizers "
-        "and scheduler); default: SDXL base 1.0",
+        help="Diffusers SDXL or SD folder or Hub id giving the architecture (and, for --format diffusers, the "
+        "tokenizers and scheduler); default: a LoRA run's base model, else SDXL base 1.0",
     )
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--subfolder", default=None, help="subfolder of --model that holds the UNet")
@@ -219,7 +223,7 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale with --steps > 1 (default 5.0)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size (1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -248,6 +252,7 @@ def _parse_reward_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def _cmd_eval(args) -> None:
     from . import evaluation
+    from .runtime import default_device, default_dtype
 
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
@@ -316,8 +321,8 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--training-batch-sizes", type=_comma_list(int), default=None, help="default 1,2,4")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default 2 CUDA, 1 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 5)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="peer/default weights (fp16 CUDA, fp32 CPU)")
-    p.add_argument("--fast-dtype", choices=sorted(DTYPES), default=None, help="weights of the fast settings (bf16)")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="peer/default weights (fp16 CUDA, fp32 CPU)")
+    p.add_argument("--fast-dtype", choices=_DTYPE_CHOICES, default=None, help="weights of the fast settings (bf16)")
     p.add_argument(
         "--compile-mode",
         default=None,
@@ -382,6 +387,7 @@ def _cmd_bench_memory(args) -> None:
 
 def _cmd_bench(args) -> None:
     from .benchmarking import SUITES, BenchSettings, run_benchmarks
+    from .weights import DTYPES
 
     if args.suite == "memory":
         _cmd_bench_memory(args)
@@ -427,7 +433,7 @@ def _add_serve_parser(subparsers) -> None:
     p.add_argument("--compare-model", default=None, help="the 'after' model of the before/after tab (default --model)")
     p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight SDXL built locally (offline)")
     p.add_argument("--size", type=int, default=None, help="initial width and height (default 1024; 64 with --tiny)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
@@ -531,10 +537,10 @@ def _check_args(args) -> None:
             f"--num-images {args.num_images} × --batch-size {args.batch_size} is more than {MAX_BATCH_SIZE} images "
             "in one pipeline call: lower --batch-size (the images are the same whatever the batch)."
         )
-    if getattr(args, "device", None) is not None:
-        _check_device(args.device)
     if getattr(args, "out", None) is not None:
         _check_out(args.out, is_folder=args.command != "export")
+    if getattr(args, "device", None) is not None:  # last: the only check that imports torch
+        _check_device(args.device)
 
 
 def _prompt_count(args) -> int:

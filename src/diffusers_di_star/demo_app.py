@@ -21,7 +21,8 @@ import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from .runtime import ModelLoadError, default_device, default_dtype, load_pipeline
+from .errors import ModelLoadError
+from .runtime import default_device, default_dtype, load_pipeline
 
 __all__ = [
     "MAX_IMAGES",

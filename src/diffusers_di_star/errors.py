@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["DIStarError", "first_line", "is_disk_full"]
+__all__ = ["DIStarError", "ModelLoadError", "first_line", "is_disk_full"]
 
 
 class DIStarError(Exception):
     """An error whose message names the problem and the fix; printed as one line, without a traceback."""
+
+
+class ModelLoadError(DIStarError):
+    """A model that cannot be found or read; the message says what to download or which path to pass."""
 
 
 def first_line(error: BaseException, limit: int | None = 200) -> str:

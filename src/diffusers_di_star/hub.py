@@ -58,7 +58,7 @@ def write_model_card(
         pipeline_tag="text-to-image",
         tags=[*TAGS, *([family.hub_tag] if family.hub_tag else []), *(["lora"] if lora else [])],
     )
-    pipeline, base_pipeline = family.pipeline_class().__name__, family.base_pipeline_class().__name__
+    pipeline, base_pipeline = family.pipeline_name, family.base_pipeline_class().__name__
     if lora:
         weight_arg = f', weight_name="{generator_weight_name}"' if generator_weight_name else ""
         loader = (

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from .defaults import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES
 from .one_step import eps_to_score
 
 __all__ = [
@@ -46,13 +47,9 @@ __all__ = [
 #: ``eps_fn(x_t) -> eps_hat``: an ε-prediction network with its timestep and conditioning bound.
 EpsPredictor = Callable[[torch.Tensor], torch.Tensor]
 
-#: The distances d of the score divergence: pseudo-Huber (the paper's) and the squared L2 norm (Fisher divergence).
-DISTANCES = ("pseudo_huber", "l2")
-
-#: DMD2's range for π(t) = U{t_min, …, t_max} on SDXL's 1000 discrete timesteps.
-DEFAULT_T_MIN, DEFAULT_T_MAX = 20, 980
-
-#: Named time weightings w(t), as functions of (α_t, σ_t); see :func:`time_weighting`.
+#: Named time weightings w(t), as functions of (α_t, σ_t); see :func:`time_weighting`. The command lines offer these
+#: names before torch is imported, from :data:`~diffusers_di_star.defaults.TIME_WEIGHTING_NAMES` (a test keeps the two
+#: equal). ``DISTANCES`` and the time sampler's ``DEFAULT_T_MIN``/``DEFAULT_T_MAX`` live there too.
 TIME_WEIGHTINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "constant": lambda alpha_t, sigma_t: torch.ones_like(sigma_t),
     "sigma": lambda alpha_t, sigma_t: sigma_t,

@@ -24,6 +24,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_CONDITIONING_TIMESTEP
+
 __all__ = [
     "DEFAULT_CONDITIONING_TIMESTEP",
     "PREDICTION_TYPES",
@@ -45,9 +47,6 @@ __all__ = [
     "generate_x0",
     "decode_latents",
 ]
-
-#: t* of DMD2 and the released DI* checkpoints.
-DEFAULT_CONDITIONING_TIMESTEP = 399
 
 
 def check_conditioning_timestep(conditioning_timestep, num_train_timesteps: int = 1000) -> None:

@@ -11,8 +11,8 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .families.sd3 import DEFAULT_SIGMA_STAR, check_sigma_star
-from .one_step import FlowSchedule, decode_latents, one_step_x0
-from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, OUTPUT_TYPES, DIStarSDXLPipeline, StandardFolderMixin
+from .one_step import FlowSchedule, one_step_x0
+from .pipeline_di_star_sdxl import MAX_IMAGE_PIXELS, DIStarSDXLPipeline, StandardFolderMixin
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -133,23 +133,12 @@ class DIStarSD3Pipeline(StandardFolderMixin, StableDiffusion3Pipeline):
         )
         if conditioning_timestep is not None:
             check_sigma_star(conditioning_timestep)
-        if self.max_image_pixels is not None and height * width > self.max_image_pixels:
-            raise ValueError(
-                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a "
-                "smaller size, or raise the limit (None lifts it)."
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         batch_size = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image, or one.")
-        if latents is not None:
-            factor = self.vae_scale_factor
-            expected = (batch_size, self.transformer.config.in_channels, height // factor, width // factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        factor = self.vae_scale_factor
+        latent_shape = (batch_size, self.transformer.config.in_channels, height // factor, width // factor)
+        self._check_one_step_inputs(
+            height, width, num_images_per_prompt, batch_size, generator, latents, latent_shape, output_type
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -289,25 +278,11 @@ class DIStarSD3Pipeline(StandardFolderMixin, StableDiffusion3Pipeline):
         schedule = FlowSchedule(self.scheduler.config.num_train_timesteps)
         latents = one_step_x0(velocity, latents, sigma_star, schedule).to(prompt_embeds.dtype)
 
-        if callback_on_step_end is not None:
-            tensors = {
-                "latents": latents,
-                "prompt_embeds": prompt_embeds,
-                "pooled_prompt_embeds": pooled_prompt_embeds,
-            }
-            tensors = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-            callback_outputs = callback_on_step_end(self, 0, sigma_star, tensors) or {}
-            latents = callback_outputs.pop("latents", latents)
-
-        # 5. Decode
-        if output_type == "latent":
-            image = latents
-        else:
-            image = decode_latents(self.vae, latents.to(self.vae.dtype))
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
-        # 6. Offload all models
-        self.maybe_free_model_hooks()
+        # 5. The step-end callback, decode, offload
+        tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+        image = self._finish_one_step(
+            tensors, sigma_star, callback_on_step_end, callback_on_step_end_tensor_inputs, output_type
+        )
 
         if not return_dict:
             return (image,)

@@ -24,6 +24,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from .defaults import MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
 from .one_step import DEFAULT_CONDITIONING_TIMESTEP, check_conditioning_timestep, decode_latents, generate_x0
 
 EXAMPLE_DOC_STRING = """
@@ -40,13 +41,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-#: The largest image `__call__` makes unless `pipe.max_image_pixels` is raised (or set to None): 4096² = 16.8 MP, 16×
-#: SDXL's native 1024² area. Beyond it, a mistyped size would allocate tens of GiB before failing.
-MAX_IMAGE_PIXELS = 4096 * 4096
-#: The most images `__call__` makes at once unless `pipe.max_batch_size` is raised: a mistyped count (10**9) would
-#: otherwise allocate its noise before failing. 256 one-step 1024² SDXL images are ~1 GiB of latents in fp32.
-MAX_BATCH_SIZE = 256
 
 #: SDXL `__call__` arguments that a one-step generator has no use for, with the value that means "not used":
 #: accepted so SDXL code runs unchanged, each ignored with one warning when given another value.
@@ -121,6 +115,41 @@ class StandardFolderMixin:
         if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
             kwargs["dtype"] = torch.float32
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def _check_one_step_inputs(
+        self, height, width, num_images_per_prompt, batch_size, generator, latents, latent_shape, output_type
+    ) -> None:
+        """What one step adds to a flow pipeline's `check_inputs`: the size limit, the batch of generators, the shape
+        of `latents` (``latent_shape`` for the whole batch), the output type."""
+        if self.max_image_pixels is not None and height * width > self.max_image_pixels:
+            raise ValueError(
+                f"{height}×{width} pixels is above `pipe.max_image_pixels` ({self.max_image_pixels:,}); pass a "
+                "smaller size, or raise the limit (None lifts it)."
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image, or one.")
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"`latents` must have shape {latent_shape}, got {tuple(latents.shape)}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+    def _finish_one_step(self, tensors: dict, sigma_star, callback_on_step_end, names, output_type):
+        """After a flow pipeline's one step: the step-end callback (given the ``names`` it asked for among
+        ``tensors``, which holds x0 as ``"latents"``), the decode (:func:`~diffusers_di_star.one_step.decode_latents`;
+        ``"latent"``: x0 as it is), the offload. Returns the images."""
+        latents = tensors["latents"]
+        if callback_on_step_end is not None:
+            callback_outputs = callback_on_step_end(self, 0, sigma_star, {k: tensors[k] for k in names}) or {}
+            latents = callback_outputs.pop("latents", latents)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = decode_latents(self.vae, latents.to(self.vae.dtype))
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return image
 
     def to_json_string(self) -> str:
         """`model_index.json` as diffusers writes it, with `_class_name` set to the diffusers base class.
@@ -233,7 +262,7 @@ class DIStarSDXLPipeline(StandardFolderMixin, StableDiffusionXLPipeline):
         """
         if importlib.util.find_spec("xformers") is None:
             raise ImportError(
-                "xformers is not installed. Install it with `pip install \"diffusers-di-star[xformers]\"`, or keep "
+                'xformers is not installed. Install it with `pip install "diffusers-di-star[xformers]"`, or keep '
                 "the default PyTorch SDPA attention, which is already memory efficient."
             )
         if self.device.type != "cuda":

@@ -1,7 +1,8 @@
 """Drop library log messages a user cannot act on; each filter matches one exact message, all others stay.
 
-Installed when this module is imported, which ``diffusers_di_star/__init__.py`` does first (before transformers'
-image-processor classes are imported).
+Installed when this module is imported, which ``diffusers_di_star/__init__.py`` does first and eagerly (its other names
+load on first use), so any ``diffusers_di_star`` import installs them before transformers' image-processor classes
+are imported.
 Checked with diffusers 0.42.1 and transformers 5.24.0; ``tests/test_cli.py`` runs the demo and asserts both are gone.
 """
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DIStarError
+from .errors import ModelLoadError
+from .export import load_generator_unet
+from .families import detect_family
 from .sources import load_failure, local_path_problem, lora_run
+from .weights import DTYPES
 
-__all__ = ["DTYPES", "ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
+__all__ = ["default_device", "default_dtype", "load_pipeline"]
 
-#: The dtype names the command line and the export functions accept.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelLoadError(DIStarError):
-    """A model that cannot be found or read; the message says what to download or which path to pass."""
 
 
 def default_device() -> str:
@@ -32,16 +29,12 @@ def default_dtype(device: str) -> str:
 def load_pipeline(model: str, dtype: str = "fp32", device: str | None = None, variant: str | None = None):
     """The one-step pipeline of ``model``'s family (``DIStarSDXLPipeline``, ``DIStarSDPipeline``; picked from its
     ``model_index.json``) on ``device``; a missing model or an unknown layout raises :class:`ModelLoadError`."""
-    from .families import detect_family
-
     what = "a Diffusers pipeline folder (with model_index.json) or a trained LoRA run folder"
     if problem := local_path_problem("--model", model, what):
         raise ModelLoadError(problem)
     run = lora_run(model)  # a trainer's LoRA run: its LoRA on the base model (and generator init) it was trained on
     source, options = model, {}
     if run is not None:
-        from .export import load_generator_unet
-
         source, options["conditioning_timestep"] = run["pretrained_model_name_or_path"], run["conditioning_timestep"]
         if run.get("pretrained_generator"):
             options["unet"] = load_generator_unet(

@@ -5,7 +5,8 @@ Every piece has the real SDXL layout (two CLIP text encoders with a CLIP BPE tok
 but only a few thousand parameters, so a whole pipeline builds, saves and generates a 64×64 image in well under a
 second on a CPU. Nothing is downloaded: the tokenizers are trained here with the ``tokenizers`` library. The tiny
 SD1.5/2.x (:func:`get_tiny_sd_components`) has one text encoder and no added conditioning; the tiny SD3 / SD3.5
-(:func:`get_tiny_sd3_components`) a flow-matching ``SD3Transformer2DModel``, CLIP-L, CLIP-G and an optional T5.
+(:func:`get_tiny_sd3_components`) a flow-matching ``SD3Transformer2DModel``, CLIP-L, CLIP-G and an optional T5; the
+tiny FLUX.1 (:func:`get_tiny_flux_components`) a guidance-distilled ``FluxTransformer2DModel``, CLIP-L and T5.
 
 >>> from diffusers_di_star.testing import get_tiny_sdxl_components, save_tiny_sdxl_pipeline
 >>> components = get_tiny_sdxl_components(seed=0)          # dict for StableDiffusionXLPipeline(**components)
@@ -22,6 +23,8 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -58,6 +61,10 @@ __all__ = [
     "get_sd3_scheduler",
     "get_tiny_sd3_components",
     "save_tiny_sd3_pipeline",
+    "get_tiny_flux_transformer",
+    "get_flux_scheduler",
+    "get_tiny_flux_components",
+    "save_tiny_flux_pipeline",
 ]
 
 #: Prompts used to train the tiny tokenizer; also handy as test prompts.
@@ -86,7 +93,9 @@ def _clip_normalizer_and_pre_tokenizer():
     pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
                 behavior="removed",
                 invert=True,
             ),
@@ -136,9 +145,7 @@ def get_tiny_tokenizer(num_merges: int = 120, pad_token: str = _EOS) -> CLIPToke
     """
     normalizer, pre_tokenizer = _clip_normalizer_and_pre_tokenizer()
     words = [
-        word
-        for prompt in TINY_PROMPTS
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(prompt))
+        word for prompt in TINY_PROMPTS for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(prompt))
     ]
     merges = _learn_bpe_merges(words, num_merges)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -339,6 +346,20 @@ def get_tiny_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def _tiny_t5_encoder(vocab_size: int, width: int, seed: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config).eval()
+
+
 def get_tiny_sd3_transformer(seed: int = 0, sample_size: int = 8) -> SD3Transformer2DModel:
     """An SD3.5-Medium-layout transformer (patch 2, 16 latent channels, a dual-attention first block, RMS q/k norm)."""
     torch.manual_seed(seed)
@@ -378,17 +399,7 @@ def get_tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
     tokenizer_3 = text_encoder_3 = None
     if with_t5:
         tokenizer_3 = get_tiny_t5_tokenizer()
-        torch.manual_seed(seed)
-        config = T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=SD3_JOINT_ATTENTION_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-        )
-        text_encoder_3 = T5EncoderModel(config).eval()
+        text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), SD3_JOINT_ATTENTION_DIM, seed)
     return {
         "transformer": get_tiny_sd3_transformer(seed),
         "scheduler": get_sd3_scheduler(),
@@ -406,4 +417,68 @@ def save_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, with_t5: bool
     """Save a complete SD3-layout pipeline folder, loadable by ``StableDiffusion3Pipeline`` and
     ``DIStarSD3Pipeline``. Returns the path."""
     StableDiffusion3Pipeline(**get_tiny_sd3_components(seed, with_t5)).save_pretrained(path)
+    return os.fspath(path)
+
+
+# ---- FLUX.1 (flow matching, guidance-distilled) -----------------------------------------------------------------
+
+#: Width of the tiny FLUX's T5 stand-in, the transformer's ``joint_attention_dim`` (FLUX.1: T5-XXL's 4096).
+FLUX_JOINT_ATTENTION_DIM = 32
+
+
+def get_tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True) -> FluxTransformer2DModel:
+    """A FLUX.1-dev-layout transformer: 16 latent channels packed in 2×2 patches (64 inputs), one double-stream and one
+    single-stream block, RoPE over (text, row, column) ids, the guidance embedding (``guidance_embeds=False``: the
+    FLUX.1-schnell layout). The sizes of diffusers' own FLUX pipeline tests."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_JOINT_ATTENTION_DIM,
+        pooled_projection_dim=TEXT_HIDDEN_SIZES[0],
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def get_flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config: rectified flow, σ shifted by exp(μ) with μ linear in the image sequence length
+    (0.5 at 256 tokens, 1.15 at 4096)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def get_tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
+    """All components of a tiny FLUX.1-dev (``guidance_embeds=False``: FLUX.1-schnell's transformer layout), as
+    keyword arguments of ``FluxPipeline`` (or ``DIStarFluxPipeline``): CLIP-L (pooled, hidden 32), T5 (width 32),
+    FLUX's VAE layout (16 channels, scaling 0.3611, shift 0.1159). Deterministic in ``seed``."""
+    tokenizer, tokenizer_2 = get_tiny_tokenizer(), get_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    clip_config = _tiny_clip_config(len(tokenizer), TEXT_HIDDEN_SIZES[0], TEXT_HIDDEN_SIZES[0], tokenizer.eos_token_id)
+    return {
+        "transformer": get_tiny_flux_transformer(seed, guidance_embeds),
+        "scheduler": get_flux_scheduler(),
+        "vae": get_tiny_vae(seed, scaling_factor=0.3611, latent_channels=16, shift_factor=0.1159),
+        "text_encoder": CLIPTextModel(clip_config).eval(),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _tiny_t5_encoder(len(tokenizer_2), FLUX_JOINT_ATTENTION_DIM, seed),
+        "tokenizer_2": tokenizer_2,
+    }
+
+
+def save_tiny_flux_pipeline(path: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """Save a complete FLUX.1-layout pipeline folder, loadable by ``FluxPipeline`` and ``DIStarFluxPipeline``.
+    Returns the path."""
+    FluxPipeline(**get_tiny_flux_components(seed, guidance_embeds)).save_pretrained(path)
     return os.fspath(path)

@@ -14,11 +14,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .defaults import DTYPE_NAMES
 from .errors import DIStarError, first_line
 
-__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "damaged_safetensors", "load_state_dict_file"]
+__all__ = ["DTYPES", "CheckpointError", "PICKLE_SUFFIXES", "damaged_safetensors", "load_state_dict_file"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+#: The dtype names the command line and the export functions accept (:data:`~diffusers_di_star.defaults.DTYPE_NAMES`).
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 class CheckpointError(DIStarError, ValueError):

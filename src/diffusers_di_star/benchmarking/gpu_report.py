@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runtime import DTYPES
+from ..weights import DTYPES
 from . import inference
 from .components import build_pickscore_reward, build_text_encoders, build_vae
 from .flops import _DESCRIPTIONS, DOCUMENTED_TFLOP, count_flops

@@ -32,7 +32,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_leaves
 
-from ..runtime import DTYPES
+from ..training.engine import all_finite
+from ..weights import DTYPES
 from .components import SIZES, ModelSize, build_pickscore_reward, build_text_encoders, build_unet, build_vae
 from .live_memory import PARTS, LiveMemory
 from .report import SuiteResult, markdown_table
@@ -321,7 +322,8 @@ def _iteration(setting: MemorySetting, mode: FakeTensorMode | None = None):
     unets, rest = _modules(networks, text, vae, reward)
     if mode is not None:
         _to_fake(unets + rest, mode)
-    iteration = DIStarIteration(networks, config, text, vae, reward, dataclasses.replace(settings, device=_CPU))
+    finite, settings = all_finite if mode is None else _always_finite, dataclasses.replace(settings, device=_CPU)
+    iteration = DIStarIteration(networks, config, text, vae, reward, settings, finite)
     for role, optimisation in iteration.optimisation.items():  # the setting's optimiser (e.g. 8-bit Adam)
         iteration.optimisation[role] = dataclasses.replace(
             optimisation, optimizer=_optimizer(setting, optimisation.parameters)
@@ -331,16 +333,10 @@ def _iteration(setting: MemorySetting, mode: FakeTensorMode | None = None):
     return iteration, unets, rest
 
 
-@contextlib.contextmanager
-def _values_unchecked() -> Iterator[None]:
-    """The engine's non-finite check reads values, which fake tensors do not have; its few scalars are not counted."""
-    from ..training import engine
-
-    finite, engine.all_finite = engine.all_finite, lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        engine.all_finite = finite
+def _always_finite(accelerator, *values) -> bool:
+    """The optimiser step's non-finite check on fake tensors, which have no values to read: always step (the real
+    check's few scalars are not counted)."""
+    return True
 
 
 @torch.no_grad()
@@ -374,7 +370,7 @@ def estimate_iteration_memory(setting: MemorySetting, gpus: Sequence[int] = (1,)
             if isinstance(tensor, torch.Tensor):
                 tracker.add(tensor, "optimizer states", sharded=True)
     trainable = [p for optimisation in iteration.optimisation.values() for p in optimisation.parameters]
-    with _tracked(tracker, trainable), _values_unchecked(), mode, tracker:
+    with _tracked(tracker, trainable), mode, tracker:
         iteration(setting.batch_size)
     per_gpu = dict(tracker.peaks)
     gathered = _all_gather_bytes(unets)

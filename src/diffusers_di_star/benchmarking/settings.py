@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import DTYPES, default_device, default_dtype
+from ..runtime import default_device, default_dtype
+from ..weights import DTYPES
 from .components import SIZES, ModelSize
 
 __all__ = ["COMPILE_MODES", "QUICK", "TRAINING_LAYOUTS", "BenchSettings"]

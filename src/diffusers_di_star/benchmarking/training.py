@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..training import DIStarConfig, DIStarNetworks, assistant_loss, encode_prompts, generator_loss, setup_networks
-from ..training.engine import RoleOptimisation, backward, optimisation_step
+from ..training.engine import RoleOptimisation, all_finite, backward, optimisation_step
 from .components import build_pickscore_reward, build_scheduler, build_text_encoders, build_unet, build_vae
 from .inference import PROMPT
 from .measure import Measurement, free_memory, measure
@@ -55,10 +55,23 @@ def build_networks(
 
 
 class DIStarIteration:
-    """One DI* training iteration at a given batch size; ``reset`` drops gradients after an out-of-memory error."""
+    """One DI* training iteration at a given batch size; ``reset`` drops gradients after an out-of-memory error.
 
-    def __init__(self, networks: DIStarNetworks, config: DIStarConfig, text, vae, reward, settings: BenchSettings):
+    ``finite`` is the optimiser step's non-finite check (:func:`~diffusers_di_star.training.engine.optimisation_step`).
+    """
+
+    def __init__(
+        self,
+        networks: DIStarNetworks,
+        config: DIStarConfig,
+        text,
+        vae,
+        reward,
+        settings: BenchSettings,
+        finite: Callable[..., bool] = all_finite,
+    ):
         self.networks, self.config, self.vae, self.reward, self.device = networks, config, vae, reward, settings.device
+        self.finite = finite
         self.tokenizers, self.text_encoders = text
         self.alphas_cumprod = build_scheduler().alphas_cumprod.to(settings.device)
         self.optimisation = {}
@@ -69,7 +82,7 @@ class DIStarIteration:
 
     def _update(self, role: str, loss: torch.Tensor) -> None:
         backward(None, loss)
-        optimisation_step(None, self.optimisation[role], [loss.detach()], _MAX_GRAD_NORM)
+        optimisation_step(None, self.optimisation[role], [loss.detach()], _MAX_GRAD_NORM, self.finite)
 
     def __call__(self, batch_size: int) -> None:
         prompts = [PROMPT] * batch_size

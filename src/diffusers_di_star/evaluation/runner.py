@@ -29,15 +29,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import DIStarError
 from ..families import FAMILIES
 from ..rewards import WeightedSumReward, load_reward
-from ..runtime import DTYPES, default_device, load_pipeline
+from ..runtime import default_device, load_pipeline
 from ..sources import reward_load_failure
+from ..weights import DTYPES
 from .prompts import Prompt, PromptSet
 from .report import (
     TABLE_1_METRICS,
@@ -144,10 +144,9 @@ def load_model(spec: ModelSpec, device: str | None = None):
     ``steps > 1``, as the family's diffusers pipeline (e.g. SDXL) with an Euler sampler."""
     pipe = load_pipeline(spec.model, dtype=spec.dtype, device=device, variant=spec.variant)
     if spec.steps > 1:
-        # Our pipeline keeps only the training schedule (as an LCMScheduler); SDXL base samples with Euler.
-        scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        # Our pipeline keeps only the training schedule; the family's baseline samples with Euler on it.
         family = next(family for family in FAMILIES.values() if isinstance(pipe, family.pipeline_class()))
-        pipe = family.base_pipeline_class().from_pipe(pipe, scheduler=scheduler)
+        pipe = family.base_pipeline_class().from_pipe(pipe, scheduler=family.baseline_scheduler(pipe.scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,13 +1,14 @@
-"""Interop: take DI* (and DMD2-style) one-step SDXL generators to ComfyUI, A1111/Forge and kohya tools, and back.
+"""Interop: take DI* (and DMD2-style) one-step SDXL and SD1.x/2.x generators to ComfyUI, A1111/Forge and kohya
+tools, and back.
 
-* :func:`export_comfyui_checkpoint` — full single-file SDXL checkpoint (UNet, VAE, both text encoders).
+* :func:`export_comfyui_checkpoint` — full single-file checkpoint (UNet, VAE, text encoder(s)).
 * :func:`export_comfyui_unet` — the UNet alone: bare ``input_blocks.*`` keys (every ComfyUI UNet loader) or, with
   ``unet_keys="single-file"``, ``model.diffusion_model.*`` keys (Diffusers' ``from_single_file``).
 * :func:`export_kohya_lora` — a Diffusers/PEFT UNet LoRA in kohya format with its true alpha.
 * :func:`export_diffusers` — any of those files (or a DMD2 ``.bin``) back to Diffusers folders.
 * :func:`load_generator_unet` — a generator UNet from any published layout, for inference and training.
 
-The key mappings live in :mod:`.sdxl_keys` (UNet/VAE/CLIP layouts) and :mod:`.lora` (LoRA names and alphas); file
+The key mappings live in :mod:`.original_keys` (UNet/VAE/CLIP layouts) and :mod:`.lora` (LoRA names and alphas); file
 safety (safetensors or ``torch.load(weights_only=True)``, atomic writes) in :mod:`.files`. See ``docs/export.md``.
 """
 
@@ -20,16 +21,18 @@ from .exporters import (
     export_model,
 )
 from .files import ExportError, load_state_dict_file
-from .loading import SDXL_BASE_MODEL_ID, checkpoint_kind, load_generator_unet, load_sdxl_components
+from .loading import SDXL_BASE_MODEL_ID, checkpoint_kind, load_generator_unet, load_pipeline_components
 from .lora import kohya_lora_to_peft, peft_lora_to_kohya
-from .sdxl_keys import unet_from_original, unet_to_original
-from .single_file import sdxl_checkpoint_state_dict, sdxl_components_from_checkpoint, unet_checkpoint_state_dict
+from .original_keys import unet_from_original, unet_to_original
+from .single_file import checkpoint_state_dict, components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [
+    "ExportError",
     "FORMATS",
     "SDXL_BASE_MODEL_ID",
-    "ExportError",
     "checkpoint_kind",
+    "checkpoint_state_dict",
+    "components_from_checkpoint",
     "export_comfyui_checkpoint",
     "export_comfyui_unet",
     "export_diffusers",
@@ -37,11 +40,9 @@ __all__ = [
     "export_model",
     "kohya_lora_to_peft",
     "load_generator_unet",
-    "load_sdxl_components",
+    "load_pipeline_components",
     "load_state_dict_file",
     "peft_lora_to_kohya",
-    "sdxl_checkpoint_state_dict",
-    "sdxl_components_from_checkpoint",
     "unet_checkpoint_state_dict",
     "unet_from_original",
     "unet_to_original",

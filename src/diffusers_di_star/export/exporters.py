@@ -11,7 +11,7 @@ import inspect
 import os
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from .. import __version__
@@ -33,7 +33,7 @@ from .loading import (
     checkpoint_kind,
     load_component_config,
     load_generator_unet,
-    load_sdxl_components,
+    load_pipeline_components,
     resolve_file,
 )
 from .lora import (
@@ -43,8 +43,8 @@ from .lora import (
     lora_metadata,
     peft_lora_to_kohya,
 )
-from .sdxl_keys import UNET_PREFIX, V_PRED_KEY
-from .single_file import sdxl_checkpoint_state_dict, sdxl_components_from_checkpoint, unet_checkpoint_state_dict
+from .original_keys import UNET_PREFIX, V_PRED_KEY, unet_version
+from .single_file import checkpoint_state_dict, components_from_checkpoint, unet_checkpoint_state_dict
 
 __all__ = [
     "FORMATS",
@@ -58,12 +58,21 @@ __all__ = [
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 #: ``export_comfyui_unet(unet_keys=...)``: the key prefix of each UNet-only layout.
 UNET_KEY_LAYOUTS = {"comfyui": "", "single-file": UNET_PREFIX}
-_SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 #: ``scheduler.config.prediction_type`` -> SAI ModelSpec's ``modelspec.prediction_type``: what a single file can say.
 _MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+#: :func:`.original_keys.unet_version` -> kohya's ``ss_base_model_version``.
+_KOHYA_BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2", "sd1": "sd_v1"}
 
 
-def _model_metadata(out_path, source, conditioning_timestep: int, architecture: str = _SDXL_ARCHITECTURE) -> dict:
+def _architecture(unet_config, prediction_type: str) -> str:
+    """SAI ModelSpec's ``modelspec.architecture`` of a UNet (SD2.x: the 768-v or the 512 epsilon model)."""
+    version = unet_version(unet_config)
+    if version == "sd2":
+        return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+    return {"sdxl": "stable-diffusion-xl-v1-base", "sd1": "stable-diffusion-v1"}[version]
+
+
+def _model_metadata(out_path, source, conditioning_timestep: int, architecture: str) -> dict:
     # SAI ModelSpec fields (read by A1111/Forge and kohya tools), DI*'s t*, and the Hub id the weights came from
     # (never a local path: it would leak the user's folder names into a file they share).
     metadata = {
@@ -81,49 +90,54 @@ def _model_metadata(out_path, source, conditioning_timestep: int, architecture: 
 
 
 def _prediction_type(model, prediction_type: str | None) -> str:
-    """``prediction_type``, else the scheduler's of a pipeline (object, dict or folder / Hub id), else "epsilon": a
-    UNet alone (a DMD2 ``.bin``, a UNet folder) does not record it, so pass ``prediction_type`` for a v one."""
+    """``prediction_type``, else the scheduler's of a pipeline (object, dict or folder / Hub id, a LoRA run's base
+    model), else "epsilon": a UNet alone (a DMD2 ``.bin``, a UNet folder) does not record it, so pass
+    ``prediction_type`` for a v one."""
     if prediction_type is None:
         scheduler = model.get("scheduler") if isinstance(model, dict) else getattr(model, "scheduler", None)
         if scheduler is not None:
             prediction_type = scheduler.config.prediction_type
         elif isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
+            run = lora_run(os.fspath(model))
+            folder = os.fspath(model) if run is None else run["pretrained_model_name_or_path"]
             try:
-                prediction_type = DDPMScheduler.load_config(os.fspath(model), subfolder="scheduler")["prediction_type"]
+                prediction_type = DDPMScheduler.load_config(folder, subfolder="scheduler")["prediction_type"]
             except (OSError, ValueError, KeyError):
                 prediction_type = "epsilon"
         else:
             prediction_type = "epsilon"
     if prediction_type not in _MODELSPEC_PREDICTION_TYPES:
         raise ExportError(
-            f"prediction type {prediction_type!r}: an SDXL single file can say {sorted(_MODELSPEC_PREDICTION_TYPES)}."
+            f"prediction type {prediction_type!r}: a single file can say {sorted(_MODELSPEC_PREDICTION_TYPES)}."
         )
     return prediction_type
 
 
 def _mark_prediction_type(state_dict: dict, metadata: dict, prediction_type: str) -> None:
-    # ComfyUI reads v-prediction from the V_PRED_KEY marker; A1111/Forge and kohya from the ModelSpec field.
+    # ComfyUI reads v-prediction of SDXL from the V_PRED_KEY marker (of SD2.x from the weights, docs/export.md);
+    # A1111/Forge and kohya from the ModelSpec field.
     metadata["modelspec.prediction_type"] = _MODELSPEC_PREDICTION_TYPES[prediction_type]
     if prediction_type == "v_prediction":
         state_dict[V_PRED_KEY] = torch.tensor([])
 
 
 def _check_timestep(conditioning_timestep) -> None:
-    # Checked before any loading; every exported format is SDXL (1000 training timesteps, the default bound).
+    # Checked before any loading; every exported family (SDXL, SD1.x/2.x) has 1000 training timesteps, the bound.
     try:
         check_conditioning_timestep(conditioning_timestep)
     except ValueError as err:
         raise ExportError(f"{err} (--conditioning-timestep)") from err
 
 
-def _sdxl_components(model, torch_dtype, variant):
+def _pipeline_components(model, torch_dtype, variant):
     if isinstance(model, (str, os.PathLike)):
-        return load_sdxl_components(os.fspath(model), torch_dtype, variant)
+        return load_pipeline_components(os.fspath(model), torch_dtype, variant)
     get = model.get if isinstance(model, dict) else lambda name: getattr(model, name, None)
-    components = {name: get(name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if get("text_encoder_2") is not None else ())
+    components = {name: get(name) for name in names}
     missing = [name for name, component in components.items() if component is None]
     if missing:
-        raise ExportError(f"{type(model).__name__} is not an SDXL pipeline: it has no {missing}.")
+        raise ExportError(f"{type(model).__name__} is not an SDXL or SD1.x/2.x pipeline: it has no {missing}.")
     return components
 
 
@@ -137,21 +151,25 @@ def export_comfyui_checkpoint(
     prediction_type: str | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Write a full SDXL single-file checkpoint (ComfyUI "Load Checkpoint", A1111/Forge ``models/Stable-diffusion``).
+    """Write a full single-file checkpoint (ComfyUI "Load Checkpoint", A1111/Forge ``models/Stable-diffusion``).
 
-    ``model``: a Diffusers SDXL pipeline folder or Hub id, a pipeline object, or a dict of its components. Returns
-    the absolute path of the ``.safetensors`` file written. A v-prediction model (``prediction_type``, default the
-    scheduler's) gets ComfyUI's ``v_pred`` marker and ``modelspec.prediction_type = "v"``.
+    ``model``: a Diffusers SDXL or SD1.x/2.x pipeline folder or Hub id, a pipeline object, or a dict of its
+    components. Returns the absolute path of the ``.safetensors`` file written. A v-prediction model
+    (``prediction_type``, default the scheduler's) gets the ``v_pred`` marker (ComfyUI's, for SDXL) and
+    ``modelspec.prediction_type = "v"``.
     """
     check_output_free(out_path, overwrite)
     _check_timestep(conditioning_timestep)
     prediction_type = _prediction_type(model, prediction_type)
     torch_dtype = resolve_dtype(dtype)
-    components = _sdxl_components(model, torch_dtype, variant)
-    state_dict = cast_floating(sdxl_checkpoint_state_dict(components), torch_dtype)
+    components = _pipeline_components(model, torch_dtype, variant)
+    state_dict = cast_floating(checkpoint_state_dict(components), torch_dtype)
     unet, vae = components["unet"], components["vae"]
-    side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    metadata = _model_metadata(out_path, model, conditioning_timestep) | {"modelspec.resolution": f"{side}x{side}"}
+    architecture = _architecture(unet.config, prediction_type)
+    metadata = _model_metadata(out_path, model, conditioning_timestep, architecture)
+    if unet.config.sample_size is not None:  # a config built in code may leave it unset
+        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        metadata["modelspec.resolution"] = f"{side}x{side}"
     _mark_prediction_type(state_dict, metadata, prediction_type)
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
@@ -198,7 +216,8 @@ def export_comfyui_unet(
     state_dict = cast_floating(unet_checkpoint_state_dict(unet), torch_dtype)
     if unet_keys == "comfyui":
         state_dict = {key.removeprefix(UNET_PREFIX): value for key, value in state_dict.items()}
-    metadata = _model_metadata(out_path, model, conditioning_timestep) | {"di_star.component": "unet"}
+    architecture = _architecture(unet.config, prediction_type)
+    metadata = _model_metadata(out_path, model, conditioning_timestep, architecture) | {"di_star.component": "unet"}
     _mark_prediction_type(state_dict, metadata, prediction_type)
     return save_safetensors(state_dict, out_path, metadata, overwrite)
 
@@ -245,10 +264,13 @@ def export_kohya_lora(
     the ``save_lora_weights`` layout of our trainer and Diffusers' training scripts (``lora.down``/``lora.up``), the
     old attention-processor layout, or kohya keys — or a folder or Hub repo holding
     ``pytorch_lora_weights.safetensors`` (``weight_name`` picks another file). ``lora_alpha`` is needed only when a
-    non-kohya file's metadata lacks it. ``base_model`` gives the UNet architecture (default: SDXL base).
+    non-kohya file's metadata lacks it. ``base_model`` gives the UNet architecture (default: a trainer's run folder's
+    base model, else SDXL base); SD1.x/2.x LoRAs get kohya's Diffusers-path names, SDXL ones its sgm names.
     """
     check_output_free(out_path, overwrite)
     _check_timestep(conditioning_timestep)
+    if base_model is None and (run := lora_run(os.fspath(lora))) is not None:
+        base_model = run["pretrained_model_name_or_path"]
     path = _lora_file(os.fspath(lora), weight_name)
     state_dict = load_state_dict_file(path)
     kind = checkpoint_kind(state_dict)
@@ -268,12 +290,15 @@ def export_kohya_lora(
         kohya = peft_lora_to_kohya(cast_floating(state_dict, resolve_dtype(dtype)), unet_config, config)
     except ValueError as err:
         raise ExportError(f"{path!r}: {err}") from err
-    metadata = _model_metadata(out_path, os.fspath(lora), conditioning_timestep, f"{_SDXL_ARCHITECTURE}/lora")
+    prediction_type = _prediction_type(base_model, None) if base_model is not None else "epsilon"
+    architecture = _architecture(unet_config, prediction_type)
+    metadata = _model_metadata(out_path, os.fspath(lora), conditioning_timestep, f"{architecture}/lora")
     metadata |= {  # kohya's own summary fields (shown by A1111/Forge): the most common rank and alpha in the file
+        "modelspec.prediction_type": _MODELSPEC_PREDICTION_TYPES[prediction_type],
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(_most_common(v.shape[0] for k, v in kohya.items() if k.endswith(".lora_down.weight"))),
         "ss_network_alpha": str(_most_common(v.item() for k, v in kohya.items() if k.endswith(".alpha"))),
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": _KOHYA_BASE_MODEL_VERSIONS[unet_version(unet_config)],
     }
     return save_safetensors(kohya, out_path, metadata, overwrite)
 
@@ -291,14 +316,22 @@ def _single_file(model: str, weight_name: str | None) -> str:
 
 def _save_pipeline(path: str, base_model: str | None, torch_dtype, out_path, overwrite: bool) -> str:
     checkpoint = load_state_dict_file(path)
-    components = sdxl_components_from_checkpoint(checkpoint, base_model, torch_dtype)
+    sdxl = checkpoint_kind(checkpoint) == "sdxl-checkpoint"
+    if not sdxl and base_model is None:
+        raise ExportError(
+            f"{path!r} is an SD1.x/2.x single file: pass --base-model with the Diffusers SD folder or Hub id it was "
+            f"exported from (its architecture, tokenizer and scheduler are not in the file)."
+        )
+    components = components_from_checkpoint(checkpoint, base_model, torch_dtype)
     source = base_model or SDXL_BASE_MODEL_ID  # tokenizers and scheduler are not in a single file
+    extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(source, **components, add_watermarker=False)
+        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipe = pipeline_class.from_pretrained(source, **components, **extra)
     except (OSError, ValueError) as err:
         raise ExportError(
             f"could not load the tokenizers and scheduler from {source!r} ({err}); pass --base-model with a local "
-            f"Diffusers SDXL folder."
+            f"Diffusers {'SDXL' if sdxl else 'SD'} folder."
         ) from err
     if V_PRED_KEY in checkpoint:
         pipe.scheduler.register_to_config(prediction_type="v_prediction")
@@ -328,7 +361,7 @@ def export_diffusers(
     """Convert a single weights file back to Diffusers, into the folder ``out_path``:
 
     * a full single-file checkpoint -> a pipeline folder (tokenizers and scheduler from ``base_model``, default
-      SDXL base);
+      SDXL base; an SD1.x/2.x file needs it);
     * a UNet file (single-file UNet, Diffusers UNet safetensors, DMD2 ``.bin``) -> a UNet folder;
     * a kohya LoRA -> ``pytorch_lora_weights.safetensors`` with its ``LoraConfig`` (alpha included) in the metadata.
 
@@ -338,14 +371,14 @@ def export_diffusers(
     torch_dtype = resolve_dtype(dtype)
     path = _single_file(os.fspath(model), weight_name)
     kind = checkpoint_kind(read_keys(path))
-    if kind == "sdxl-checkpoint":
+    if kind in ("sdxl-checkpoint", "sd-checkpoint"):
         return _save_pipeline(path, base_model, torch_dtype, out_path, overwrite)
     if kind == "kohya-lora":
         return _save_peft_lora(path, base_model, torch_dtype, out_path, overwrite)
     if kind in ("unet-original", "unet-diffusers"):
         unet = load_generator_unet(path, base_model, torch_dtype=torch_dtype)
         return atomic_write(out_path, unet.save_pretrained, overwrite, is_dir=True)
-    raise ExportError(f"{path!r} is not a single-file SDXL checkpoint, a UNet or a kohya LoRA (found {kind}).")
+    raise ExportError(f"{path!r} is not a single-file checkpoint, a UNet or a kohya LoRA (found {kind}).")
 
 
 #: ``--format`` name -> exporter.

@@ -17,8 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DIStarError, is_disk_full
-from ..runtime import DTYPES
-from ..weights import damaged_safetensors, load_state_dict_file
+from ..weights import DTYPES, damaged_safetensors, load_state_dict_file
 
 __all__ = [
     "ExportError",

@@ -1,5 +1,5 @@
-"""Load SDXL weights from every layout people publish: Diffusers folders and Hub repositories, single files,
-UNet-only safetensors and DMD2-style pickled ``.bin`` state dicts.
+"""Load SDXL and SD1.x/2.x weights from every layout people publish: Diffusers folders and Hub repositories, single
+files, UNet-only safetensors and DMD2-style pickled ``.bin`` state dicts.
 
 Hub ids go through ``huggingface_hub``/``from_pretrained`` (cache first, then download); local paths never touch the
 network. Pickles are only read with ``torch.load(weights_only=True)``.
@@ -21,7 +21,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..configs import load_sdxl_config
 from ..sources import LORA_RUN_FILES, load_failure, local_path_problem, lora_run
 from .files import ExportError, cast_floating, load_state_dict_file
-from .sdxl_keys import UNET_PREFIX, V_PRED_KEY, check_sdxl_unet_config, unet_from_original
+from .original_keys import (
+    SD1_CLIP_PREFIX,
+    SD2_CLIP_PREFIX,
+    UNET_PREFIX,
+    V_PRED_KEY,
+    check_unet_config,
+    unet_from_original,
+)
 
 __all__ = [
     "SDXL_BASE_MODEL_ID",
@@ -31,13 +38,13 @@ __all__ = [
     "load_component_config",
     "build_empty_component",
     "assign_weights",
-    "load_sdxl_components",
+    "load_pipeline_components",
     "load_generator_unet",
 ]
 
 SDXL_BASE_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
-#: The SDXL components that hold weights, and their classes.
+#: The SDXL components that hold weights, and their classes (SD1.x/2.x have the first three).
 SDXL_COMPONENT_CLASSES = {
     "unet": UNet2DConditionModel,
     "vae": AutoencoderKL,
@@ -92,10 +99,10 @@ def resolve_file(path_or_id: str, filename: str, subfolder: str | None = None) -
 def checkpoint_kind(keys) -> str:
     """What a weights file holds, from its key names.
 
-    ``"sdxl-checkpoint"`` (full single file), ``"unet-original"`` (``model.diffusion_model.*`` or bare sgm keys),
-    ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"`` (``lora_A``/``lora_B``), ``"diffusers-lora"`` (the
-    ``lora.down``/``lora.up`` layout ``save_lora_weights`` writes from training scripts, or the old
-    ``to_q_lora.down`` attention-processor layout) or ``"unknown"``.
+    ``"sdxl-checkpoint"`` / ``"sd-checkpoint"`` (full single file), ``"unet-original"``
+    (``model.diffusion_model.*`` or bare sgm keys), ``"unet-diffusers"``, ``"kohya-lora"``, ``"peft-lora"``
+    (``lora_A``/``lora_B``), ``"diffusers-lora"`` (the ``lora.down``/``lora.up`` layout ``save_lora_weights`` writes
+    from training scripts, or the old ``to_q_lora.down`` attention-processor layout) or ``"unknown"``.
     """
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
@@ -105,7 +112,10 @@ def checkpoint_kind(keys) -> str:
     if any(re.search(r"[._]lora\.(down|up)\.", k) for k in keys):
         return "diffusers-lora"
     if any(k.startswith(UNET_PREFIX) for k in keys):
-        return "sdxl-checkpoint" if any(k.startswith("conditioner.embedders.") for k in keys) else "unet-original"
+        if any(k.startswith("conditioner.embedders.") for k in keys):
+            return "sdxl-checkpoint"
+        sd = any(k.startswith((SD1_CLIP_PREFIX, SD2_CLIP_PREFIX)) for k in keys)
+        return "sd-checkpoint" if sd else "unet-original"
     if "input_blocks.0.0.weight" in keys:
         return "unet-original"
     if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
@@ -130,8 +140,8 @@ def load_component_config(name: str, base_model: str | None = None):
 
 
 def build_empty_component(name: str, base_model: str | None = None, config=None):
-    """An SDXL component with its parameters on the meta device (no memory), from ``config`` if given, else from
-    ``base_model`` (a Diffusers SDXL folder or Hub id) or, by default, the bundled SDXL base configs."""
+    """A component with its parameters on the meta device (no memory), from ``config`` if given, else from
+    ``base_model`` (a Diffusers folder or Hub id) or, by default, the bundled SDXL base configs."""
     config = load_component_config(name, base_model) if config is None else config
     cls = SDXL_COMPONENT_CLASSES[name]
     with init_empty_weights():
@@ -186,25 +196,28 @@ def _from_pretrained(name: str, path_or_id: str, subfolder: str | None, torch_dt
         raise _hub_hint(path_or_id, err) from err
 
 
-def load_sdxl_components(path_or_id: str, torch_dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
-    """UNet, VAE and both text encoders of a Diffusers SDXL pipeline (local folder or Hub id); tokenizers and the
-    scheduler are not loaded. Raises :class:`ExportError` for anything that is not an SDXL pipeline."""
+def load_pipeline_components(
+    path_or_id: str, torch_dtype: torch.dtype | None = None, variant: str | None = None
+) -> dict:
+    """UNet, VAE and text encoder(s) of a Diffusers SDXL or SD1.x/2.x pipeline (local folder or Hub id); tokenizers
+    and the scheduler are not loaded. Raises :class:`ExportError` for any other pipeline."""
     index = _model_index(path_or_id)
-    missing = [name for name in SDXL_COMPONENT_CLASSES if name not in index]
+    names = [name for name in SDXL_COMPONENT_CLASSES if name != "text_encoder_2" or name in index]
+    missing = [name for name in names if name not in index]
     if missing:
         raise ExportError(
-            f"{path_or_id!r} is not an SDXL pipeline: its model_index.json ({index.get('_class_name')}) has no "
-            f"{missing}. SDXL has a UNet, a VAE and two text encoders (text_encoder, text_encoder_2)."
+            f"{path_or_id!r} is not an SDXL or SD1.x/2.x pipeline: its model_index.json ({index.get('_class_name')}) "
+            f"has no {missing}. Those have a UNet, a VAE and a text encoder (SDXL a second one, text_encoder_2)."
         )
-    _check_sdxl_unet(load_component_config("unet", path_or_id), path_or_id)
-    return {name: _from_pretrained(name, path_or_id, name, torch_dtype, variant) for name in SDXL_COMPONENT_CLASSES}
+    _check_unet(load_component_config("unet", path_or_id), path_or_id)
+    return {name: _from_pretrained(name, path_or_id, name, torch_dtype, variant) for name in names}
 
 
-def _check_sdxl_unet(config, source: str) -> None:
+def _check_unet(config, source: str) -> None:
     try:
-        check_sdxl_unet_config(config)
+        check_unet_config(config)
     except ValueError as err:
-        raise ExportError(f"{source!r}: {err} Only SDXL-layout models can be exported.") from err
+        raise ExportError(f"{source!r}: {err} Only SDXL and SD1.x/2.x-layout models can be exported.") from err
 
 
 def load_generator_unet(
@@ -228,8 +241,8 @@ def load_generator_unet(
     * a trainer's LoRA run folder (``pytorch_lora_weights.safetensors`` and ``training_args.json``): the LoRA fused
       into the UNet it was trained on (its ``--pretrained_generator``, else the base model's).
 
-    A bare weights file takes its architecture from ``base_model`` (a Diffusers SDXL folder or Hub id) if given,
-    else from a ``config.json`` beside it, else from the bundled SDXL base config (right for DMD2's files).
+    A bare weights file takes its architecture from ``base_model`` (a Diffusers folder or Hub id) if given, else from
+    a ``config.json`` beside it, else from the bundled SDXL base config (right for DMD2's files).
     """
     if (run := lora_run(path_or_id)) is not None:
         return _fused_lora_run(path_or_id, run, torch_dtype, variant)
@@ -238,7 +251,7 @@ def load_generator_unet(
     if os.path.isfile(path_or_id):
         return _unet_from_file(path_or_id, base_model, torch_dtype)
     unet = _from_pretrained("unet", *_unet_location(path_or_id, subfolder), torch_dtype, variant)
-    _check_sdxl_unet(unet.config, path_or_id)
+    _check_unet(unet.config, path_or_id)
     return unet
 
 
@@ -259,6 +272,11 @@ def _unet_location(path_or_id: str, subfolder: str | None) -> tuple[str, str | N
         return path_or_id, "unet" if subfolder is None else subfolder or None
     folder = os.path.join(path_or_id, subfolder or "")
     if os.path.isfile(os.path.join(folder, "model_index.json")):
+        if "unet" not in (index := _model_index(folder)):
+            raise ExportError(
+                f"{folder!r} is a {index.get('_class_name')} folder without a UNet: only SDXL and SD1.x/2.x "
+                f"generators export (docs/export.md says what ComfyUI reads of SD3 as it is)."
+            )
         return folder, "unet"
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder, None
@@ -270,7 +288,7 @@ def _unet_from_file(path: str, base_model: str | None, torch_dtype: torch.dtype 
     use_beside = base_model is None and os.path.isfile(beside)
     config = UNet2DConditionModel.load_config(beside) if use_beside else None
     unet = build_empty_component("unet", base_model, config=config)
-    _check_sdxl_unet(unet.config, path)
+    _check_unet(unet.config, path)
     state_dict = load_state_dict_file(path)
     state_dict.pop(V_PRED_KEY, None)  # a marker, not a weight (the prediction type lives in a scheduler config)
     kind = checkpoint_kind(state_dict)

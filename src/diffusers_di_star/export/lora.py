@@ -7,8 +7,11 @@ stored per module as a tensor ``<name>.alpha``. The kohya alpha of a module is t
 ``scale`` is the module's PEFT scale; writing ``alpha = rank`` (what ``diffusers.utils.convert_state_dict_to_kohya``
 does) silently rescales every LoRA trained with ``lora_alpha != r``.
 
-Module names are the original (sgm) UNet paths with dots replaced by underscores
-(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya's SDXL trainer writes them.
+Module names are UNet paths with dots replaced by underscores, in the naming of kohya's UNet for the architecture,
+as its trainers write them: the original (sgm) paths for SDXL
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), the Diffusers paths for SD1.x/2.x
+(``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``, as sd-scripts' ``original_unet`` names
+its modules).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils.other import get_pattern_key
 
 from .files import ExportError
-from .sdxl_keys import unet_key_map
+from .original_keys import unet_key_map, unet_version
 
 __all__ = [
     "KOHYA_UNET_PREFIX",
@@ -77,9 +80,16 @@ def _unet_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[st
     return modules
 
 
-def _kohya_name(key_map, module: str) -> str:
-    # kohya names a module by its original (sgm) path with dots replaced by underscores.
-    return KOHYA_UNET_PREFIX + key_map.to_original(module).replace(".", "_")
+def _kohya_namer(unet_config):
+    """Diffusers module path -> kohya name: its path in kohya's UNet (sgm for SDXL, Diffusers for SD1.x/2.x) with
+    dots replaced by underscores; ``KeyError`` for a module the UNet does not have."""
+    key_map, sgm_names = unet_key_map(unet_config), unet_version(unet_config) == "sdxl"
+
+    def name(module: str) -> str:
+        original = key_map.to_original(module)
+        return KOHYA_UNET_PREFIX + (original if sgm_names else module).replace(".", "_")
+
+    return name
 
 
 def _peft_scale(module: str, rank: int, lora_config: dict) -> float:
@@ -97,11 +107,11 @@ def peft_lora_to_kohya(state_dict: dict[str, torch.Tensor], unet_config, lora_co
     """
     if lora_config.get("lora_alpha") is None:
         raise ExportError("the LoRA config has no lora_alpha; pass it (--lora-alpha) to convert to kohya format.")
-    key_map = unet_key_map(unet_config)
+    namer = _kohya_namer(unet_config)
     kohya = {}
     for module, weights in _unet_lora_modules(state_dict).items():
         try:
-            name = _kohya_name(key_map, module)
+            name = namer(module)
         except KeyError:
             raise ExportError(
                 f"LoRA module {module!r} is not in this UNet's layout; pass the matching --base-model."
@@ -115,11 +125,11 @@ def peft_lora_to_kohya(state_dict: dict[str, torch.Tensor], unet_config, lora_co
 
 def _kohya_names(unet_config) -> dict[str, str]:
     """kohya module name -> Diffusers module path, for every module with weights (built on the meta device)."""
-    key_map = unet_key_map(unet_config)
+    namer = _kohya_namer(unet_config)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
     modules = {key.rsplit(".", 1)[0] for key in unet.state_dict()}
-    return {_kohya_name(key_map, m): m for m in modules}
+    return {namer(m): m for m in modules}
 
 
 def kohya_lora_to_peft(state_dict: dict[str, torch.Tensor], unet_config) -> tuple[dict[str, torch.Tensor], dict]:

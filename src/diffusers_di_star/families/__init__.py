@@ -1,12 +1,14 @@
-"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v), SD1.5/2.x (ε, v) and
-SD3 / SD3.5 (flow).
+"""Model families behind one seam (``base.py`` says how a family plugs in): SDXL (ε, v), SD1.5/2.x (ε, v),
+SD3 / SD3.5 (flow) and FLUX.1 (flow, guidance-distilled).
 
 :func:`family_for` picks the family of a Diffusers folder or Hub id from its ``model_index.json``.
 """
 
 from __future__ import annotations
 
-from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily
+from ..errors import ModelLoadError
+from .base import DEFAULT_LORA_TARGET_MODULES, Conditioning, ModelFamily, read_model_index
+from .flux import FluxConditioning, FluxFamily
 from .sd import SDConditioning, SDFamily
 from .sd3 import SD3Conditioning, SD3Family
 from .sdxl import SDXLConditioning, SDXLFamily
@@ -14,6 +16,8 @@ from .sdxl import SDXLConditioning, SDXLFamily
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "FAMILIES",
+    "FluxConditioning",
+    "FluxFamily",
     "Conditioning",
     "ModelFamily",
     "SD3Conditioning",
@@ -28,20 +32,13 @@ __all__ = [
 ]
 
 #: Every family by name.
-FAMILIES: dict[str, type[ModelFamily]] = {family.name: family for family in (SDXLFamily, SDFamily, SD3Family)}
-
-
-def read_model_index(name: str, revision: str | None = None) -> dict:
-    """``model_index.json`` of a Diffusers folder or Hub id (raises ``OSError`` as ``from_pretrained`` would)."""
-    from diffusers import DiffusionPipeline
-
-    return dict(DiffusionPipeline.load_config(name, revision=revision))
+FAMILIES: dict[str, type[ModelFamily]] = {
+    family.name: family for family in (SDXLFamily, SDFamily, SD3Family, FluxFamily)
+}
 
 
 def family_for(model_index: dict, name: str) -> type[ModelFamily]:
     """The family whose pipeline class ``model_index["_class_name"]`` names; an unknown layout raises one line."""
-    from ..runtime import ModelLoadError
-
     class_name = model_index.get("_class_name")
     for family in FAMILIES.values():
         if class_name in family.pipeline_class_names:

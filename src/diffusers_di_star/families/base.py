@@ -11,20 +11,26 @@ How a new family plugs in
 1. Add ``families/<name>.py`` with a subclass of :class:`ModelFamily` and a conditioning dataclass:
 
    * the conditioning implements :class:`Conditioning`: ``batch_size``, ``dtype``, ``device``, ``unconditional()``
-     (∅: SDXL zeros its embeddings, SD1.5/SD3 encode ""), ``cat(other)`` (one batch for CFG's two branches) and
-     ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep);
+     (∅: SDXL zeros its embeddings, SD1.5/SD3 encode ""), ``cat(other)`` (one batch for CFG's two branches),
+     ``empty(batch_size, device)`` (its shapes only: the trainer's FLOP count runs on the meta device) and
+     ``network_kwargs()`` (the keyword arguments of the network's forward besides x_t and the timestep); a dataclass
+     of tensors gets all but ``unconditional`` and ``network_kwargs`` from :class:`TensorConditioning`;
    * class attributes: ``name`` (the ``--family`` word), ``pipeline_class_names`` (the ``_class_name`` values of a
-     ``model_index.json`` that mean this family), ``network_subfolder`` (``"unet"`` / ``"transformer"``),
-     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, and for the model card
+     ``model_index.json`` that mean this family; the first is diffusers' multi-step pipeline, for baselines),
+     ``network_class_name`` (diffusers' class of the network, e.g. ``UNet2DConditionModel``), ``network_subfolder``
+     (``"unet"`` / ``"transformer"``),
+     ``latent_channels``, ``default_conditioning_timestep``, ``lora_target_modules``, ``pipeline_name`` (its one-step
+     ``DIStar*Pipeline``, a name the package exports: :meth:`ModelFamily.pipeline_class` imports it on use, so a
+     family module never imports a pipeline module, which imports the family's helpers), and for the model card
      ``display_name``, ``hub_tag`` and ``license``;
-   * class methods: ``network_class()`` (e.g. ``UNet2DConditionModel``), ``pipeline_class()`` (its one-step
-     ``DIStar*Pipeline``), ``base_pipeline_class()`` (diffusers' multi-step pipeline, for baselines), and
-     ``load_text_models(name, revision, variant)`` → (tokenizers, text encoders);
+   * class method ``load_text_models(name, revision, variant)`` → (tokenizers, text encoders);
    * methods: ``encode(prompts, resolution)`` → a conditioning, and ``pipeline_kwargs()`` (the pipeline's keyword
      arguments besides the VAE, the network, the scheduler and t*: its text models).
    Override :meth:`ModelFamily.load_scheduler` / :meth:`ModelFamily.schedule_from_scheduler` for a non-VP schedule
    (e.g. :class:`~diffusers_di_star.one_step.FlowSchedule`), :meth:`ModelFamily.sample_timesteps` for another π(t),
    :meth:`ModelFamily.denoise` if the network is not called as ``network(x_t, timestep, **cond.network_kwargs())``,
+   :meth:`ModelFamily.guided_eps` if CFG is not two branches (a guidance-distilled model: one call with γ),
+   :meth:`ModelFamily.baseline_scheduler` if the multi-step baseline does not sample with VP Euler,
    and :meth:`ModelFamily.save_lora_weights` / :meth:`ModelFamily.load_lora_state_dict` if its LoRA is not
    ``unet_lora_layers``.
 2. Register the class in ``families/__init__.py`` (:data:`~diffusers_di_star.families.FAMILIES`); detection by
@@ -36,18 +42,25 @@ How a new family plugs in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
+import diffusers
 import torch
 
-from ..losses import sample_timesteps
+from ..defaults import DEFAULT_LORA_TARGET_MODULES
+from ..losses import cfg_eps, sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
-__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily"]
+__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily", "read_model_index"]
 
-#: The attention projections that diffusers' SD/SDXL LoRA examples adapt.
-DEFAULT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+def read_model_index(name: str, revision: str | None = None) -> dict:
+    """``model_index.json`` of a Diffusers folder or Hub id (raises ``OSError`` as ``from_pretrained`` would)."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(name, revision=revision))
 
 
 class Conditioning(Protocol):
@@ -67,6 +80,9 @@ class Conditioning(Protocol):
 
     def cat(self, other: Conditioning) -> Conditioning:
         """``self`` then ``other`` in one batch."""
+
+    def empty(self, batch_size: int, device: torch.device | str) -> Conditioning:
+        """Uninitialised float32 tensors of the same per-sample shapes, ``batch_size`` samples, on ``device``."""
 
     def network_kwargs(self) -> dict:
         """Keyword arguments of the network's forward (e.g. ``encoder_hidden_states``)."""
@@ -94,6 +110,12 @@ class TensorConditioning:
         """``self`` then ``other`` in one batch, field by field."""
         return type(self)(*(torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors(), strict=True)))
 
+    def empty(self, batch_size: int, device: torch.device | str):
+        """Uninitialised float32 tensors of the same per-sample shapes, ``batch_size`` samples, on ``device`` (e.g. the
+        meta device, where ``training/throughput.py`` counts FLOPs without memory)."""
+        shapes = ((batch_size, *t.shape[1:]) for t in self._tensors())
+        return type(self)(*(torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes))
+
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
@@ -108,9 +130,13 @@ class ModelFamily:
 
     name: ClassVar[str]
     pipeline_class_names: ClassVar[tuple[str, ...]]
+    pipeline_name: ClassVar[str]
+    network_class_name: ClassVar[str]
     network_subfolder: ClassVar[str] = "unet"
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
+    #: What a training resolution must be a multiple of: the VAE factor, times the patch size of a transformer.
+    resolution_multiple: ClassVar[int] = 8
     default_conditioning_timestep: ClassVar = DEFAULT_CONDITIONING_TIMESTEP
     lora_target_modules: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGET_MODULES
     #: For the model card (``hub.write_model_card``): what the model is, its Hub tag, its licence (Hub id, sentence).
@@ -138,15 +164,18 @@ class ModelFamily:
 
     @classmethod
     def network_class(cls) -> type[torch.nn.Module]:
-        raise NotImplementedError
+        """``diffusers.<network_class_name>``."""
+        return getattr(diffusers, cls.network_class_name)
 
     @classmethod
     def pipeline_class(cls) -> type:
-        raise NotImplementedError
+        """The one-step pipeline, ``diffusers_di_star.<pipeline_name>``."""
+        return getattr(importlib.import_module(__package__.rpartition(".")[0]), cls.pipeline_name)
 
     @classmethod
     def base_pipeline_class(cls) -> type:
-        raise NotImplementedError
+        """diffusers' multi-step pipeline of the family (the first of ``pipeline_class_names``), for baselines."""
+        return getattr(diffusers, cls.pipeline_class_names[0])
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
@@ -179,6 +208,14 @@ class ModelFamily:
         return VPSchedule.from_scheduler(scheduler)
 
     @classmethod
+    def baseline_scheduler(cls, scheduler):
+        """The sampler of a multi-step baseline (``di-star eval`` with steps > 1): Euler on ``scheduler``'s schedule
+        (a one-step folder keeps its training schedule as an ``LCMScheduler``)."""
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(scheduler.config)
+
+    @classmethod
     def load_network(cls, name: str, revision: str | None = None, variant: str | None = None) -> torch.nn.Module:
         return cls.network_class().from_pretrained(
             name, subfolder=cls.network_subfolder, revision=revision, variant=variant
@@ -208,6 +245,16 @@ class ModelFamily:
 
         check_conditioning_timestep(conditioning_timestep)
         return conditioning_timestep
+
+    @classmethod
+    def check_resolution(cls, resolution: int) -> None:
+        """Raise ``ValueError`` naming ``resolution`` unless it is a multiple of :attr:`resolution_multiple`."""
+        if resolution % cls.resolution_multiple:
+            raise ValueError(
+                f"--resolution {resolution}: the {cls.name} family needs a multiple of {cls.resolution_multiple} "
+                f"(VAE factor {cls.vae_scale_factor} × the network's patch size), e.g. "
+                f"{max(cls.resolution_multiple, resolution // cls.resolution_multiple * cls.resolution_multiple)}."
+            )
 
     @classmethod
     def diffusers_one_step_settings(cls, conditioning_timestep) -> str:
@@ -251,6 +298,18 @@ class ModelFamily:
         output = self.denoise(network, x_t, timesteps, cond)
         alpha_t, sigma_t = self.coefficients(timesteps, output)
         return output_to_eps(output, x_t, alpha_t, sigma_t, self.prediction_type)
+
+    def guided_eps(
+        self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
+    ) -> torch.Tensor:
+        """ε̂^γ(x_t, t, c), the CFG-enhanced reference (docs/math.md §4 Choice 2): the unconditional (∅) and
+        conditional outputs in one batch, combined by :func:`~diffusers_di_star.losses.cfg_eps`; plain ε̂ at γ = 1. A
+        guidance-distilled family (FLUX.1-dev) overrides this with one call that gives γ to the network."""
+        if guidance_scale == 1:
+            return self.eps(network, x_t, timesteps, cond)
+        both = self.eps(network, torch.cat([x_t, x_t]), timesteps.repeat(2), cond.unconditional().cat(cond))
+        eps_uncond, eps_cond = both.chunk(2)
+        return cfg_eps(eps_uncond, eps_cond, guidance_scale)
 
     def generate_x0(self, network: Callable, noise: torch.Tensor, cond: Conditioning, conditioning_timestep):
         """The one-step map x0 = g_θ(z, c) (:func:`~diffusers_di_star.one_step.one_step_x0`)."""

@@ -51,27 +51,11 @@ class SDFamily(ModelFamily):
 
     name = "sd"
     pipeline_class_names = ("StableDiffusionPipeline",)
+    pipeline_name = "DIStarSDPipeline"
+    network_class_name = "UNet2DConditionModel"
     display_name = "Stable Diffusion 1.x/2.x"
     hub_tag = "stable-diffusion"
     license = ("other", "the licence of the base model (CreativeML Open RAIL-M for SD1.x, Open RAIL++-M for SD2.x)")
-
-    @classmethod
-    def network_class(cls):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-
-    @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_sd import DIStarSDPipeline
-
-        return DIStarSDPipeline
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import ModelFamily, TensorConditioning
+from .base import ModelFamily, TensorConditioning, read_model_index
 
 __all__ = [
     "DEFAULT_SIGMA_STAR",
@@ -128,11 +128,14 @@ class SD3Family(ModelFamily):
 
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    pipeline_name = "DIStarSD3Pipeline"
+    network_class_name = "SD3Transformer2DModel"
     display_name = "SD3 / SD3.5"
     hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
     license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
     network_subfolder = "transformer"
     latent_channels = 16
+    resolution_multiple = 16  # 2×2 patches of the latents
     default_conditioning_timestep = DEFAULT_SIGMA_STAR
     lora_target_modules = SD3_LORA_TARGET_MODULES
 
@@ -151,29 +154,9 @@ class SD3Family(ModelFamily):
         self.shift = float(scheduler.config.shift) if scheduler is not None else 1.0
 
     @classmethod
-    def network_class(cls):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
-
-    @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_sd3 import DIStarSD3Pipeline
-
-        return DIStarSD3Pipeline
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-
-    @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
         """CLIP-L, CLIP-G and, when the folder has one, T5 (``text_encoder_3``), with their tokenizers."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        from . import read_model_index
 
         kwargs = {"revision": revision, "variant": variant}
         with_t5 = any(read_model_index(name, revision).get("text_encoder_3") or ())
@@ -204,6 +187,13 @@ class SD3Family(ModelFamily):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
 
     @classmethod
+    def baseline_scheduler(cls, scheduler):
+        """Flow-matching Euler on ``scheduler``'s config (its shift, or its dynamic shift), as diffusers samples."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+
+    @classmethod
     def schedule_from_scheduler(cls, scheduler) -> FlowSchedule:
         """The flow schedule of a ``FlowMatchEulerDiscreteScheduler`` with a fixed shift (SD3 / SD3.5's)."""
         if scheduler.config.get("use_dynamic_shifting"):
@@ -229,12 +219,17 @@ class SD3Family(ModelFamily):
             prompts, self.tokenizers, self.text_encoders, self.joint_attention_dim, self.max_sequence_length
         )
 
+    def sigma_shift(self, resolution: int) -> float:
+        """The shift of σ at ``resolution`` pixels: the scheduler's fixed ``shift`` (SD3 / SD3.5: 3.0)."""
+        return self.shift
+
     def sample_timesteps(self, batch_size: int, config, generator=None, device=None) -> torch.Tensor:
-        """σ ~ π: u ~ U[min_timestep/N, max_timestep/N], σ = shift(u) with the scheduler's shift (docs/math.md §12)."""
+        """σ ~ π: u ~ U[min_timestep/N, max_timestep/N], σ = shift(u) with the scheduler's shift at the training
+        resolution (:meth:`sigma_shift`; docs/math.md §12)."""
         n = self.schedule.num_train_timesteps
         low, high = config.min_timestep / n, config.max_timestep / n
         u = low + (high - low) * torch.rand(batch_size, generator=generator, device=device)
-        return shift_sigmas(u, self.shift)
+        return shift_sigmas(u, self.sigma_shift(config.resolution))
 
     def denoise(self, network: Callable, x_t: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning):
         """The transformer's velocity at (x_t, σ·1000, c), called by name (its forward takes the text first)."""

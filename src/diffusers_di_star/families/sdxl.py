@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..export import load_generator_unet
 from .base import ModelFamily, TensorConditioning
 
 __all__ = ["SDXLConditioning", "SDXLFamily", "encode_prompts"]
@@ -66,27 +67,11 @@ class SDXLFamily(ModelFamily):
 
     name = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
+    pipeline_name = "DIStarSDXLPipeline"
+    network_class_name = "UNet2DConditionModel"
     display_name = "SDXL"
     hub_tag = "stable-diffusion-xl"
     license = ("openrail++", "CreativeML Open RAIL++-M, the licence of SDXL, which these weights derive from")
-
-    @classmethod
-    def network_class(cls):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-
-    @classmethod
-    def pipeline_class(cls):
-        from ..pipeline_di_star_sdxl import DIStarSDXLPipeline
-
-        return DIStarSDXLPipeline
-
-    @classmethod
-    def base_pipeline_class(cls):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline
 
     @classmethod
     def load_text_models(cls, name: str, revision: str | None = None, variant: str | None = None):
@@ -106,8 +91,6 @@ class SDXLFamily(ModelFamily):
         cls, name: str, base_model: str | None = None, weight_name: str | None = None, variant: str | None = None
     ):
         """Any published SDXL generator layout (DMD2 ``.bin``, single files, folders; :func:`load_generator_unet`)."""
-        from ..export import load_generator_unet
-
         return load_generator_unet(name, base_model=base_model, weight_name=weight_name, variant=variant)
 
     def encode(self, prompts: Sequence[str], resolution: int) -> SDXLConditioning:

@@ -5,7 +5,10 @@
   only after the rename, so a save killed at any point leaves the previous checkpoint intact. A ``.tmp`` folder left
   by such a kill is named in a warning by :func:`resolve_resume`, never silently skipped. The rename waits until the
   main process sees every file that every rank wrote: ranks writing into different folders (non-shared storage
-  across nodes) stop the run at the first save with one :class:`CheckpointError`.
+  across nodes) stop the run at the first save with one :class:`CheckpointError`. A write that fails on any rank
+  (its disk is full, its shard write raises) is agreed on by all ranks after each stage of the save: every rank raises
+  the same :class:`CheckpointWriteError` naming the first failing rank, none is left waiting in a collective, and the
+  ``.tmp`` folder is removed (the previous checkpoint stays ``latest``).
 * Each checkpoint holds :data:`MANIFEST_NAME`: its step, the trainer's settings (what a resume may change is decided
   by :data:`~.resume.RESUME_POLICY`: a refusal is one line naming the flag, the saved and the given value), every file
   with its size and the tensor shapes of its safetensors files (a hand-edited manifest is refused).
@@ -29,20 +32,20 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import time
 import warnings
 from collections.abc import Callable, Mapping
 
-from torch.distributed.checkpoint.api import CheckpointException
-
-from ..errors import DIStarError, first_line
-from .resume import check_manifest_contents, compare_settings, tensor_shapes
+from ..errors import DIStarError, first_line, is_disk_full
+from .resume import compare_settings
 
 __all__ = [
     "EMA_NAME",
     "MANIFEST_NAME",
     "RUN_FILES",
     "CheckpointError",
+    "CheckpointWriteError",
     "check_run_folder",
     "checkpoint_dirs",
     "incomplete_dirs",
@@ -65,6 +68,43 @@ _INCOMPLETE = re.compile(r"^checkpoint-(\d+)\.tmp$")
 
 class CheckpointError(DIStarError, ValueError):
     """A checkpoint or run folder that cannot be used as asked; the message names it and the fix."""
+
+
+def tensor_shapes(folder: str) -> dict[str, dict[str, list[int]]]:
+    """``{file: {tensor: shape}}`` of every ``.safetensors`` file under ``folder``, read from the headers only."""
+    shapes = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                path = os.path.join(root, name)
+                shapes[os.path.relpath(path, folder).replace(os.sep, "/")] = _header_shapes(path)
+    return dict(sorted(shapes.items()))
+
+
+def _header_shapes(path: str) -> dict[str, list[int]]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(min(length, 100 << 20)))
+    return {key: value["shape"] for key, value in sorted(header.items()) if key != "__metadata__"}
+
+
+def check_manifest_contents(checkpoint: str, manifest: dict) -> None:
+    """The manifest agrees with the files: its step with the folder's name, its shapes with the safetensors headers."""
+    path = os.path.join(checkpoint, MANIFEST_NAME)
+    step = manifest["step"]
+    folder = _COMPLETE.match(os.path.basename(os.path.normpath(checkpoint)))
+    if not isinstance(step, int) or step < 0 or (folder and int(folder.group(1)) != step):
+        raise CheckpointError(f"{path} is damaged (step {step!r} in a folder named {os.path.basename(checkpoint)})")
+    recorded = manifest.get("shapes")
+    if recorded is None:  # written by an older trainer
+        return
+    try:
+        actual = tensor_shapes(checkpoint)
+    except (OSError, ValueError, KeyError, struct.error) as error:
+        raise CheckpointError(f"{checkpoint}: a safetensors header cannot be read ({error})") from None
+    for name in sorted(set(recorded) | set(actual)):
+        if recorded.get(name) != actual.get(name):
+            raise CheckpointError(f"{path} is damaged (the tensor shapes of {name} differ from the file's)")
 
 
 def _by_step(output_dir: str, pattern: re.Pattern) -> list[str]:
@@ -175,20 +215,28 @@ def save_checkpoint(
     """Write ``checkpoint-<step>``: ``write_state(tmp)`` on every process, the EMA and the manifest, then the rename.
 
     ``ema`` is a :class:`~diffusers_di_star.training.ema.ShardedEMA`. Only then are the oldest complete checkpoints
-    beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps removed. Returns the checkpoint path.
+    beyond ``total_limit`` and stale ``.tmp`` folders of earlier steps removed. Returns the checkpoint path. A write
+    that fails on any process (e.g. its disk is full) raises one :class:`CheckpointWriteError` on every process, naming
+    that rank, after the ranks agree (:func:`_on_every_rank`): none waits in a collective, the ``.tmp`` folder is
+    removed and the previous checkpoint stays the newest complete one.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    write_state(tmp)
+
+    def make_folder():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+
+    _on_every_rank(accelerator, final, make_folder)
+    _on_every_rank(accelerator, final, write_state, tmp)
     # Every rank: a sharded EMA (training/ema.py) is gathered here; only the main process keeps it.
     ema_state = None if ema is None else ema.state_dict(keep=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     _check_every_rank_visible(accelerator, tmp)
-    if accelerator.is_main_process:
+
+    def complete():
+        if not accelerator.is_main_process:
+            return
         if ema_state is not None:
             save_ema(ema_state, tmp)
         manifest = {"step": step, "settings": _json_value(dict(settings)), "files": _file_sizes(tmp)}
@@ -202,17 +250,70 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(final + ".old", ignore_errors=True)
         logger.info(f"saved {final}")
-        complete = checkpoint_dirs(output_dir)
-        if total_limit is not None:
-            for name in complete[: max(len(complete) - total_limit, 0)]:
-                logger.info(f"removing {name} (checkpoints_total_limit={total_limit})")
-                shutil.rmtree(os.path.join(output_dir, name))
-        for name in incomplete_dirs(output_dir):
-            if int(name.split("-")[1].split(".")[0]) < step:
-                logger.info(f"removing {name}: an interrupted save, superseded by checkpoint-{step}")
-                shutil.rmtree(os.path.join(output_dir, name))
-    accelerator.wait_for_everyone()
+
+    _on_every_rank(accelerator, final, complete)
+    on_main_process(accelerator, _remove_old_checkpoints, output_dir, step, total_limit)
     return final
+
+
+def _remove_old_checkpoints(output_dir: str, step: int, total_limit: int | None) -> None:
+    """The oldest complete checkpoints beyond ``total_limit``, and ``.tmp`` folders of steps before ``step``."""
+    complete = checkpoint_dirs(output_dir)
+    if total_limit is not None:
+        for name in complete[: max(len(complete) - total_limit, 0)]:
+            logger.info(f"removing {name} (checkpoints_total_limit={total_limit})")
+            shutil.rmtree(os.path.join(output_dir, name))
+    for name in incomplete_dirs(output_dir):
+        if int(name.split("-")[1].split(".")[0]) < step:
+            logger.info(f"removing {name}: an interrupted save, superseded by checkpoint-{step}")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint not written because a write failed on one rank (or more); every rank raises it.
+
+    ``rank`` is the first failing rank (``None`` in a single-process run), ``cause`` its error as ``Type: first
+    line`` (an ``OSError`` names its file), ``disk_full`` whether that was a full disk (:func:`is_disk_full`).
+    """
+
+    def __init__(self, checkpoint: str, rank: int | None, cause: str, disk_full: bool):
+        self.checkpoint, self.rank, self.cause, self.disk_full = checkpoint, rank, cause, disk_full
+        super().__init__(
+            f"{os.path.basename(checkpoint)} was not written{self.on_rank} ({cause}); the newest complete checkpoint "
+            "is unchanged: fix the cause and resume from it (--resume_from_checkpoint latest)"
+        )
+
+    @property
+    def on_rank(self) -> str:
+        """`` on rank N``, or nothing in a single-process run."""
+        return "" if self.rank is None else f" on rank {self.rank}"
+
+
+def _on_every_rank(accelerator, checkpoint: str, fn: Callable, *args) -> None:
+    """``fn(*args)`` on every process, then one gather of each rank's outcome: if it raised anywhere, every rank
+    raises the same :class:`CheckpointWriteError` (the first failing rank's); the main process removes the ``.tmp``.
+
+    The gather is also the barrier after ``fn``: no rank goes on to the next collective (or to training) while another
+    failed, so none hangs there, and a rank's failed write is never followed by a checkpoint marked complete.
+    """
+    failure, outcome = None, None
+    try:
+        fn(*args)
+    except (Exception, _checkpoint_exception()) as error:  # every rank learns of it below; torch's is a BaseException
+        failure = error
+        rank, error = _first_failure(error, accelerator.process_index)
+        outcome = (rank, _cause(error), is_disk_full(error))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        outcomes = [found for found in gather_object([outcome]) if found is not None]
+    else:
+        outcomes = [] if outcome is None else [(None, *outcome[1:])]
+    if not outcomes:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoint + ".tmp", ignore_errors=True)  # frees what was written; never taken as `latest`
+    raise CheckpointWriteError(checkpoint, *min(outcomes)) from failure
 
 
 def _check_every_rank_visible(accelerator, folder: str) -> None:
@@ -334,9 +435,7 @@ def resolve_resume(
     """
     if resume_from_checkpoint is None:
         return None
-    return on_main_process(
-        accelerator, _resolve, output_dir, resume_from_checkpoint, settings, allow_model_change
-    )
+    return on_main_process(accelerator, _resolve, output_dir, resume_from_checkpoint, settings, allow_model_change)
 
 
 def _resolve(output_dir: str, resume_from_checkpoint: str, settings, allow_model_change: bool) -> str | None:
@@ -395,12 +494,27 @@ def _probe(checkpoint: str, names=None) -> str | None:
     return None
 
 
+def _checkpoint_exception() -> type[BaseException]:
+    """torch's distributed-checkpoint ``CheckpointException`` (a ``BaseException``), imported on use: the trainer
+    checks its ``--output_dir`` with this module before torch is imported."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _first_failure(error: BaseException, rank: int | None) -> tuple[int | None, BaseException]:
+    """(rank, error) of ``error`` raised on ``rank``; for a distributed-checkpoint error, the first failing rank and
+    its own exception."""
+    if isinstance(error, _checkpoint_exception()) and error.failures:
+        rank, (error, _) = min(error.failures.items())
+    return rank, error
+
+
 def _cause(error: BaseException) -> str:
     """``Type: first line`` of ``error``; for a distributed-checkpoint error, of the first rank's own exception."""
-    if isinstance(error, CheckpointException) and error.failures:
-        rank, (error, _) = min(error.failures.items())
-        return f"{type(error).__name__} on rank {rank}: {first_line(error)}"
-    return f"{type(error).__name__}: {first_line(error)}"
+    rank, error = _first_failure(error, None)
+    on_rank = "" if rank is None else f" on rank {rank}"
+    return f"{type(error).__name__}{on_rank}: {first_line(error)}"
 
 
 def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], None], ema=None) -> int:
@@ -418,7 +532,7 @@ def load_checkpoint(accelerator, checkpoint: str, load_state: Callable[[str], No
                 load_ema(ema, checkpoint)
         except CheckpointError:
             raise
-        except (Exception, CheckpointException) as error:  # torch's distributed-checkpoint error: a BaseException
+        except (Exception, _checkpoint_exception()) as error:  # torch's distributed-checkpoint error: a BaseException
             reason = _probe(checkpoint) or f"{checkpoint} cannot be loaded ({_cause(error)})"
             raise CheckpointError(f"{reason}; {_previous_hint(checkpoint)}") from error
     return int(manifest["step"])

@@ -1,4 +1,8 @@
-"""The DI* training settings (docs/math.md, docs/training.md), validated on construction."""
+"""The DI* training settings (docs/math.md, docs/training.md), validated on construction.
+
+Imports nothing heavy (its constants come from ``defaults.py``): the trainer builds and checks its flags from here
+before torch is imported.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from ..families.base import DEFAULT_LORA_TARGET_MODULES
-from ..losses import DEFAULT_T_MAX, DEFAULT_T_MIN, DISTANCES, TIME_WEIGHTINGS
-from ..one_step import DEFAULT_CONDITIONING_TIMESTEP
-from ..pipeline_di_star_sdxl import MAX_IMAGE_PIXELS
+from ..defaults import (
+    DEFAULT_CONDITIONING_TIMESTEP,
+    DEFAULT_LORA_TARGET_MODULES,
+    DEFAULT_T_MAX,
+    DEFAULT_T_MIN,
+    DISTANCES,
+    MAX_IMAGE_PIXELS,
+    TIME_WEIGHTING_NAMES,
+)
 
 __all__ = [
     "CHOICES",
@@ -111,7 +120,7 @@ class DIStarConfig:
 
 
 #: The fields that take one of a few names.
-CHOICES = {"cfg_mode": CFG_MODES, "divergence": DIVERGENCES, "weighting": tuple(TIME_WEIGHTINGS)}
+CHOICES = {"cfg_mode": CFG_MODES, "divergence": DIVERGENCES, "weighting": TIME_WEIGHTING_NAMES}
 
 
 def field_help() -> dict[str, str]:

@@ -11,6 +11,7 @@ checkpoint save/load hooks. ``examples/train_di_star_sdxl.py`` and ``benchmarkin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -186,11 +187,14 @@ def optimisation_step(
     role: RoleOptimisation,
     losses: Sequence[torch.Tensor],
     max_grad_norm: float,
+    finite: Callable[..., bool] = all_finite,
 ) -> torch.Tensor | None:
     """Clip the accumulated gradients, then step (or skip, on every rank alike, when a loss or the norm is not finite).
 
-    ``max_grad_norm`` 0 means no clipping (the norm is still computed and logged). Returns the gradient norm before
-    clipping, or ``None`` when the step was skipped. Gradients are freed either way (``set_to_none``).
+    ``max_grad_norm`` 0 means no clipping (the norm is still computed and logged). ``finite(accelerator, *values)``
+    decides whether to step: :func:`all_finite`, unless the caller runs on tensors without values (the memory
+    estimate's fake tensors, ``benchmarking/memory.py``). Returns the gradient norm before clipping, or ``None`` when
+    the step was skipped. Gradients are freed either way (``set_to_none``).
     """
     max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
     if accelerator is None:
@@ -198,7 +202,7 @@ def optimisation_step(
     else:
         grad_norm = accelerator.clip_grad_norm_(role.parameters, max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    if not all_finite(accelerator, *losses, grad_norm):
+    if not finite(accelerator, *losses, grad_norm):
         role.optimizer.zero_grad(set_to_none=True)
         return None
     role.optimizer.step()
@@ -260,21 +264,29 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
 
     Whatever the engine, ``generator/`` and ``assistant/`` are plain Diffusers folders (gathered from the shards under
     FSDP, see :func:`gather_unet`). Under FSDP accelerate also writes its own (sharded) model and optimiser states
-    and resumes from those; otherwise the folders are what resuming loads.
+    and resumes from those; otherwise the folders are what resuming loads. A write that fails on the main process is
+    raised after both roles' gathers, so no other rank is left in one (``checkpointing.save_checkpoint`` then stops
+    every rank alike).
     """
 
     def save_hook(models, weights, output_dir):
+        failure = None
         for role, folder in ROLE_DIRS.items():
             path = os.path.join(output_dir, folder)
             if networks.use_lora:
                 state_dict, metadata = networks.lora_state_dict(role)  # every rank: FSDP2 gathers the shards
-                if accelerator.is_main_process:
-                    family.save_lora_weights(path, state_dict, metadata)
+                write = functools.partial(family.save_lora_weights, path, state_dict, metadata)
             else:
                 unet = gather_unet(accelerator, networks, role)  # every rank takes part in the gather
-                if accelerator.is_main_process:
-                    unet.save_pretrained(path)
+                write = functools.partial(unet.save_pretrained, path) if accelerator.is_main_process else None
+            if accelerator.is_main_process and failure is None:
+                try:
+                    write()
+                except Exception as error:  # raised after the next role's gather, which the other ranks are in
+                    failure = error
         weights.clear()  # accelerate would otherwise save the prepared modules a second time
+        if failure is not None:
+            raise failure
 
     def load_hook(models, input_dir):
         if networks.route_frozen_calls:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import ModelLoadError
+from ..errors import ModelLoadError
 from ..sources import is_hub_id, load_failure
 
 __all__ = ["check_lora_targets", "detect_model_family", "is_hub_id", "load_network_config", "model_error"]

@@ -10,30 +10,25 @@ is compared with the saved value:
   symlink or another mount passes with a note); a different one is refused unless ``--allow_model_change``;
 * ``bound``: ``--max_train_steps`` may change but not fall below the checkpoint's step.
 
-The manifest itself is checked against the files (:func:`check_manifest_contents`): its step against the folder's
-name, the tensor shapes it recorded against the safetensors headers.
+The manifest itself is checked against the files by :func:`.checkpointing.check_manifest_contents` (its step against
+the folder's name, the tensor shapes it recorded against the safetensors headers).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
-import struct
 
 from ..errors import DIStarError
 
 __all__ = [
     "RESUME_POLICY",
     "ResumeError",
-    "check_manifest_contents",
     "check_step_bound",
     "compare_settings",
     "resume_settings",
     "source_fingerprint",
-    "tensor_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,45 +153,3 @@ def compare_settings(
 def check_step_bound(step: int, max_train_steps: int, checkpoint: str) -> None:
     """``--max_train_steps`` (also when derived from ``--num_train_epochs``) must not be below the resumed step."""
     compare_settings({"max_train_steps": None}, {"max_train_steps": max_train_steps}, checkpoint, step)
-
-
-def tensor_shapes(folder: str) -> dict[str, dict[str, list[int]]]:
-    """``{file: {tensor: shape}}`` of every ``.safetensors`` file under ``folder``, read from the headers only."""
-    shapes = {}
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            if name.endswith(".safetensors"):
-                path = os.path.join(root, name)
-                shapes[os.path.relpath(path, folder).replace(os.sep, "/")] = _header_shapes(path)
-    return dict(sorted(shapes.items()))
-
-
-def _header_shapes(path: str) -> dict[str, list[int]]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(min(length, 100 << 20)))
-    return {key: value["shape"] for key, value in sorted(header.items()) if key != "__metadata__"}
-
-
-_STEP_FOLDER = re.compile(r"^checkpoint-(\d+)$")
-
-
-def check_manifest_contents(checkpoint: str, manifest: dict) -> None:
-    """The manifest agrees with the files: its step with the folder's name, its shapes with the safetensors headers."""
-    from .checkpointing import MANIFEST_NAME, CheckpointError
-
-    path = os.path.join(checkpoint, MANIFEST_NAME)
-    step = manifest["step"]
-    folder = _STEP_FOLDER.match(os.path.basename(os.path.normpath(checkpoint)))
-    if not isinstance(step, int) or step < 0 or (folder and int(folder.group(1)) != step):
-        raise CheckpointError(f"{path} is damaged (step {step!r} in a folder named {os.path.basename(checkpoint)})")
-    recorded = manifest.get("shapes")
-    if recorded is None:  # written by an older trainer
-        return
-    try:
-        actual = tensor_shapes(checkpoint)
-    except (OSError, ValueError, KeyError, struct.error) as error:
-        raise CheckpointError(f"{checkpoint}: a safetensors header cannot be read ({error})") from None
-    for name in sorted(set(recorded) | set(actual)):
-        if recorded.get(name) != actual.get(name):
-            raise CheckpointError(f"{path} is damaged (the tensor shapes of {name} differ from the file's)")

@@ -17,7 +17,6 @@ from ..families.sdxl import SDXLConditioning, encode_prompts
 from ..losses import (
     EpsPredictor,
     assistant_dsm_loss,
-    cfg_eps,
     implicit_cfg_reward_loss,
     kl_divergence_loss,
     reward_loss,
@@ -51,14 +50,9 @@ def _eps_predictor(
 def _reference_predictor(
     networks: DIStarNetworks, family: ModelFamily, timesteps: torch.Tensor, cond: Conditioning, guidance_scale: float
 ) -> EpsPredictor:
-    # ε̂_ref^γ (§4 Choice 2), the conditional and unconditional branches in one batch; plain ε̂_ref(x_t, c) at γ = 1.
-    if guidance_scale == 1:
-        return _eps_predictor(networks, family, "reference", timesteps, cond)
-    both = _eps_predictor(networks, family, "reference", timesteps.repeat(2), cond.unconditional().cat(cond))
-
+    # ε̂_ref^γ (§4 Choice 2) as the family forms it (ModelFamily.guided_eps); plain ε̂_ref(x_t, c) at γ = 1.
     def eps(x_t: torch.Tensor) -> torch.Tensor:
-        eps_uncond, eps_cond = both(torch.cat([x_t, x_t])).chunk(2)
-        return cfg_eps(eps_uncond, eps_cond, guidance_scale)
+        return family.guided_eps(networks.unet("reference"), x_t, timesteps, cond, guidance_scale)
 
     return eps
 
@@ -152,8 +146,8 @@ def generator_loss(
             networks, x_t, eps, sigma_t, eps_assistant, eps_reference, weight, config
         )
     if config.cfg_mode == "reward" and config.cfg_reward_scale > 0:
-        eps_uncond = _eps_predictor(networks, family, "reference", t, cond.unconditional())
-        eps_cond = _eps_predictor(networks, family, "reference", t, cond)
+        eps_uncond = _reference_predictor(networks, family, t, cond.unconditional(), 1.0)
+        eps_cond = _reference_predictor(networks, family, t, cond, 1.0)
         terms["cfg_reward_loss"] = implicit_cfg_reward_loss(
             x_t, sigma_t, eps_cond, eps_uncond, config.cfg_reward_scale, weight
         )

@@ -12,17 +12,18 @@ processes): a lower bound, known only for the GPUs of :data:`PEAK_TFLOPS` and a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..families.sdxl import SDXLConditioning, SDXLFamily
+from ..families import Conditioning, ModelFamily
 from ..one_step import decode_latents
 from .config import DIStarConfig
 from .models import DIStarNetworks, setup_networks
-from .steps import assistant_loss, generator_loss
+from .steps import as_family, assistant_loss, generator_loss
 
 __all__ = ["PEAK_TFLOPS", "FlopCounter", "iteration_flops", "peak_flops"]
 
@@ -53,14 +54,15 @@ def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
 def iteration_flops(
     networks: DIStarNetworks,
     config: DIStarConfig,
-    cond: SDXLConditioning,
-    alphas_cumprod: torch.Tensor,
+    cond: Conditioning,
+    family: ModelFamily | torch.Tensor,
     vae: torch.nn.Module | None = None,
 ) -> int:
-    """Model FLOPs of one DI* iteration for ONE image of an SDXL-layout model, counted on the meta device.
+    """Model FLOPs of one DI* iteration for ONE image, counted on the meta device, for any family.
 
-    ``networks`` gives the layout and the UNets' configs, ``cond`` the conditioning's shapes (its first sample is
-    used); ``vae`` is needed when ``config.reward_scale > 0``.
+    ``networks`` gives the layout and the networks' configs, ``cond`` (the ``family``'s conditioning) the shapes (its
+    first sample is used, :meth:`~diffusers_di_star.families.base.Conditioning.empty`); ``family`` may be a bare
+    ``alphas_cumprod`` (SDXL, ε: :func:`~.steps.as_family`). ``vae`` is needed when ``config.reward_scale > 0``.
     """
     meta = torch.device("meta")
     with meta:
@@ -68,18 +70,18 @@ def iteration_flops(
         distinct = networks.generator_unet is not networks.reference_unet
         generator = _empty_copy(networks.generator_unet) if distinct else None
         copies = setup_networks(config, reference, generator)
-    one = SDXLConditioning(*(torch.empty((1, *t.shape[1:]), device=meta) for t in cond._tensors()))
-    alphas_cumprod = alphas_cumprod.to(meta, torch.float32)
+    one = cond.empty(1, meta)
+    family = copy.copy(as_family(family))  # the same family with its schedule on the meta device
+    family.schedule = family.schedule.to(meta)
     no_reward = dataclasses.replace(config, reward_scale=0.0)  # the reward model is not counted; its decode is
     with FlopCounter() as assistant_count, sdpa_kernel(SDPBackend.MATH):  # the K_TA assistant updates cost the same
-        assistant_loss(copies, no_reward, one, alphas_cumprod)[0].backward()
+        assistant_loss(copies, no_reward, one, family)[0].backward()
     with FlopCounter() as generator_count, sdpa_kernel(SDPBackend.MATH):
-        generator_loss(copies, no_reward, one, [""], alphas_cumprod)[0].backward()
+        generator_loss(copies, no_reward, one, [""], family)[0].backward()
         if config.reward_scale > 0:
             with meta:
                 decoder = _empty_copy(vae).requires_grad_(False)
-            size = config.resolution // SDXLFamily.vae_scale_factor
-            x0 = torch.empty(1, decoder.config.latent_channels, size, size, device=meta, requires_grad=True)
+            x0 = torch.empty(family.latent_shape(1, config.resolution), device=meta, requires_grad=True)
             decode_latents(decoder, x0).sum().backward()
     return config.assistant_updates_per_step * assistant_count.get_total_flops() + generator_count.get_total_flops()
 

@@ -1,15 +1,21 @@
-"""Diffusers <-> original ("single-file") SDXL key layouts, derived from the architectures.
+"""Diffusers <-> original ("single-file") key layouts of SDXL and SD1.x/2.x, derived from the architectures.
 
-The original layout is Stability AI's ``generative-models`` (sgm) code, which ComfyUI, A1111/Forge and kohya load:
+The original layout is Stability AI's ``generative-models`` (sgm) code for SDXL and CompVis' ``ldm`` code for
+SD1.x/2.x (the same UNet and VAE names), which ComfyUI, A1111/Forge and kohya load:
 
 * UNet (``openaimodel.UNetModel``): ``input_blocks.{i}`` / ``middle_block.{i}`` / ``output_blocks.{i}`` are flat
   lists of ``[ResBlock, SpatialTransformer, Downsample/Upsample]`` groups, where Diffusers nests
   ``down_blocks.{b}.resnets.{j}`` / ``.attentions.{j}``. The transformer blocks inside are named identically.
 * VAE (``ldm.modules.diffusionmodules.model``): ``down.{i}.block.{j}``, decoder ``up`` blocks numbered in reverse,
   and 1x1 convolutions where Diffusers' mid-block attention has linear layers.
-* CLIP-L (``conditioner.embedders.0``) keeps the Hugging Face layout under ``transformer.text_model.``.
-* OpenCLIP bigG (``conditioner.embedders.1``) uses open_clip's layout: one fused ``in_proj`` for q/k/v,
-  ``text_projection`` stored as the transposed matrix (``x @ P``), plus ``logit_scale``.
+* CLIP-L (SDXL's ``conditioner.embedders.0``, SD1.x's ``cond_stage_model``) keeps the Hugging Face layout under
+  ``transformer.text_model.``.
+* OpenCLIP (SDXL's bigG ``conditioner.embedders.1``, SD2.x's ViT-H ``cond_stage_model``) uses open_clip's layout:
+  ``model.`` + one fused ``in_proj`` for q/k/v, ``text_projection`` stored as the transposed matrix (``x @ P``),
+  plus ``logit_scale``. SD2.x's Diffusers text encoder has no projection (the UNet reads hidden states only).
+
+Which layout a UNet has is :func:`unet_version` (``"sdxl"``, ``"sd2"`` or ``"sd1"``), read from its config as ComfyUI
+tells SD1.x (convolution ``proj_in``) from SD2.x (linear) and SDXL (added ``text_time`` conditioning).
 
 Each module pairs a Diffusers module path with its original path (:class:`Block`); a key is renamed by its longest
 mapped prefix, and a few layers inside a block are renamed by the block's ``sublayers``. The same table serves both
@@ -30,9 +36,12 @@ __all__ = [
     "VAE_PREFIX",
     "CLIP_L_PREFIX",
     "CLIP_G_PREFIX",
+    "SD1_CLIP_PREFIX",
+    "SD2_CLIP_PREFIX",
     "Block",
     "KeyMap",
-    "check_sdxl_unet_config",
+    "check_unet_config",
+    "unet_version",
     "unet_key_map",
     "vae_key_map",
     "unet_to_original",
@@ -52,6 +61,9 @@ V_PRED_KEY = "v_pred"
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
+#: SD1.x's CLIP-L and SD2.x's OpenCLIP ViT-H, as Diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES`` finds them.
+SD1_CLIP_PREFIX = "cond_stage_model.transformer."
+SD2_CLIP_PREFIX = "cond_stage_model.model."
 
 # open_clip initialises logit_scale to log(1/0.07) and training saturates it at its clamp, log(100): the value the
 # published SDXL checkpoint carries. Only contrastive training reads it; it is written so that the key set is complete.
@@ -74,12 +86,11 @@ _CLIP_G_LAYER = (
     ("mlp.fc1", "mlp.c_fc"),
     ("mlp.fc2", "mlp.c_proj"),
 )
-# setting -> (SDXL's value, Diffusers' default when a config omits it)
-_SDXL_UNET_SETTINGS = {
-    "addition_embed_type": ("text_time", None),
-    "class_embed_type": (None, None),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn", "UNetMidBlock2DCrossAttn"),
-    "use_linear_projection": (True, False),
+# setting -> (the values the layout supports, Diffusers' default when a config omits it)
+_UNET_SETTINGS = {
+    "addition_embed_type": (("text_time", None), None),
+    "class_embed_type": ((None,), None),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "UNetMidBlock2DCrossAttn"),
 }
 _SUPPORTED_DOWN_BLOCKS = {"DownBlock2D", "CrossAttnDownBlock2D"}
 _SUPPORTED_UP_BLOCKS = {"UpBlock2D", "CrossAttnUpBlock2D"}
@@ -132,28 +143,41 @@ class KeyMap:
         raise KeyError(key)
 
 
-def check_sdxl_unet_config(config) -> None:
-    """Raise ``ValueError`` naming the first setting that is not SDXL's layout (what the mapping supports)."""
+def check_unet_config(config) -> None:
+    """Raise ``ValueError`` naming the first setting outside the SDXL / SD1.x / SD2.x layout (what the mapping
+    supports)."""
     config = dict(config)
-    for name, (expected, default) in _SDXL_UNET_SETTINGS.items():
-        if config.get(name, default) != expected:
-            raise ValueError(f"not an SDXL UNet: {name}={config.get(name, default)!r} (SDXL has {expected!r}).")
+    for name, (supported, default) in _UNET_SETTINGS.items():
+        if config.get(name, default) not in supported:
+            raise ValueError(
+                f"not an SDXL or SD1.x/2.x UNet: {name}={config.get(name, default)!r} (those have {supported})."
+            )
     if not isinstance(config.get("layers_per_block"), int):
-        raise ValueError(f"not an SDXL UNet: layers_per_block={config.get('layers_per_block')!r} (SDXL has one int).")
+        raise ValueError(
+            f"not an SDXL or SD1.x/2.x UNet: layers_per_block={config.get('layers_per_block')!r} (they have one int)."
+        )
     down = set(config["down_block_types"]) - _SUPPORTED_DOWN_BLOCKS
     unsupported = down | (set(config["up_block_types"]) - _SUPPORTED_UP_BLOCKS)
     if unsupported:
-        raise ValueError(f"not an SDXL UNet: block types {sorted(unsupported)} (SDXL uses (CrossAttn)Down/UpBlock2D).")
+        raise ValueError(
+            f"not an SDXL or SD1.x/2.x UNet: block types {sorted(unsupported)} (they use (CrossAttn)Down/UpBlock2D)."
+        )
+
+
+def unet_version(config) -> str:
+    """``"sdxl"`` (added ``text_time`` conditioning), ``"sd2"`` (linear transformer projections) or ``"sd1"``."""
+    config = dict(config)
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if config.get("use_linear_projection") else "sd1"
 
 
 def unet_key_map(config) -> KeyMap:
-    """The UNet layout for a Diffusers ``UNet2DConditionModel`` config (SDXL or any config of the same family)."""
-    check_sdxl_unet_config(config)
+    """The UNet layout for a Diffusers ``UNet2DConditionModel`` config (SDXL, SD1.x/2.x or any config of theirs)."""
+    check_unet_config(config)
     blocks = [
         Block("time_embedding.linear_1", "time_embed.0"),
         Block("time_embedding.linear_2", "time_embed.2"),
-        Block("add_embedding.linear_1", "label_emb.0.0"),
-        Block("add_embedding.linear_2", "label_emb.0.2"),
         Block("conv_in", "input_blocks.0.0"),
         Block("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
         Block("mid_block.attentions.0", "middle_block.1"),
@@ -161,6 +185,8 @@ def unet_key_map(config) -> KeyMap:
         Block("conv_norm_out", "out.0"),
         Block("conv_out", "out.2"),
     ]
+    if unet_version(config) == "sdxl":
+        blocks += [Block("add_embedding.linear_1", "label_emb.0.0"), Block("add_embedding.linear_2", "label_emb.0.2")]
     blocks += _unet_down_blocks(config) + _unet_up_blocks(config)
     return KeyMap(blocks)
 
@@ -235,7 +261,7 @@ def _rename_all(state_dict: dict[str, torch.Tensor], rename, what: str) -> dict[
         try:
             renamed[rename(key)] = value
         except KeyError:
-            raise ValueError(f"{what}: unexpected key {key!r}; the weights do not have the SDXL layout.") from None
+            raise ValueError(f"{what}: unexpected key {key!r}; the weights do not have the expected layout.") from None
     return renamed
 
 
@@ -274,21 +300,24 @@ def vae_from_original(checkpoint: dict[str, torch.Tensor], config) -> dict[str, 
     return _rename_all(vae, vae_key_map(config).to_diffusers, "VAE")
 
 
-def clip_l_to_original(text_model_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIP-L ``text_model`` state dict (keys relative to ``text_model``) -> ``conditioner.embedders.0.*``.
+def clip_l_to_original(
+    text_model_state_dict: dict[str, torch.Tensor], prefix: str = CLIP_L_PREFIX
+) -> dict[str, torch.Tensor]:
+    """CLIP-L ``text_model`` state dict (keys relative to ``text_model``) -> ``prefix + "text_model." + key``
+    (SDXL's ``conditioner.embedders.0.transformer.``, SD1.x's :data:`SD1_CLIP_PREFIX`).
 
-    Adds the ``position_ids`` buffer that the published checkpoint carries (int64; A1111 treats a missing or float
+    Adds the ``position_ids`` buffer that the published checkpoints carry (int64; A1111 treats a missing or float
     one as a broken CLIP).
     """
-    checkpoint = {f"{CLIP_L_PREFIX}text_model.{k}": v for k, v in text_model_state_dict.items()}
+    checkpoint = {f"{prefix}text_model.{k}": v for k, v in text_model_state_dict.items()}
     positions = text_model_state_dict["embeddings.position_embedding.weight"].shape[0]
-    checkpoint[f"{CLIP_L_PREFIX}text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    checkpoint[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     return checkpoint
 
 
-def clip_l_from_original(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``conditioner.embedders.0.*`` -> CLIP-L ``text_model`` state dict (``position_ids`` is a buffer: dropped)."""
-    prefix = f"{CLIP_L_PREFIX}text_model."
+def clip_l_from_original(checkpoint: dict[str, torch.Tensor], prefix: str = CLIP_L_PREFIX) -> dict[str, torch.Tensor]:
+    """The CLIP-L part under ``prefix`` -> its ``text_model`` state dict (``position_ids`` is a buffer: dropped)."""
+    prefix = f"{prefix}text_model."
     return {
         k[len(prefix) :]: v
         for k, v in checkpoint.items()
@@ -311,38 +340,46 @@ def _num_layers(keys, pattern: str) -> int:
 
 
 def clip_g_to_original(
-    text_model_state_dict: dict[str, torch.Tensor], text_projection: torch.Tensor
+    text_model_state_dict: dict[str, torch.Tensor],
+    text_projection: torch.Tensor | None,
+    prefix: str = CLIP_G_PREFIX,
 ) -> dict[str, torch.Tensor]:
-    """OpenCLIP bigG as Hugging Face ``text_model`` + ``text_projection.weight`` -> ``conditioner.embedders.1.*``.
+    """An OpenCLIP text model as Hugging Face ``text_model`` (+ ``text_projection.weight``) -> open_clip keys under
+    ``prefix`` (SDXL's bigG ``conditioner.embedders.1.model.``, SD2.x's ViT-H :data:`SD2_CLIP_PREFIX`).
 
     q/k/v projections are fused into open_clip's ``in_proj_weight``/``in_proj_bias`` (in that order) and the
-    projection is stored transposed, as open_clip applies it (``pooled @ text_projection``).
+    projection is stored transposed, as open_clip applies it (``pooled @ text_projection``), with ``logit_scale``.
+    SD2.x's encoder has no projection (``text_projection=None``): neither is written, and its layers are the 23 that
+    Diffusers keeps (SD2.x reads the output of open_clip's 23rd of 24 layers; the 24th, never run, is not written).
     """
     num_layers = _num_layers(text_model_state_dict, "encoder.layers.")
     key_map = _clip_g_key_map(num_layers)
     qkv = {k: v for k, v in text_model_state_dict.items() if k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")}
     rest = {k: v for k, v in text_model_state_dict.items() if k not in qkv}
-    checkpoint = _rename_all(rest, lambda k: CLIP_G_PREFIX + key_map.to_original(k), "text_encoder_2")
+    checkpoint = _rename_all(rest, lambda k: prefix + key_map.to_original(k), "OpenCLIP text encoder")
     for i in range(num_layers):
         for kind in ("weight", "bias"):
             parts = [qkv[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            checkpoint[f"{CLIP_G_PREFIX}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
-    checkpoint[f"{CLIP_G_PREFIX}text_projection"] = text_projection.T
-    checkpoint[f"{CLIP_G_PREFIX}logit_scale"] = torch.tensor(_CLIP_G_LOGIT_SCALE, dtype=text_projection.dtype)
+            checkpoint[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
+    if text_projection is not None:
+        checkpoint[f"{prefix}text_projection"] = text_projection.T
+        checkpoint[f"{prefix}logit_scale"] = torch.tensor(_CLIP_G_LOGIT_SCALE, dtype=text_projection.dtype)
     return checkpoint
 
 
-def clip_g_from_original(checkpoint: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``conditioner.embedders.1.*`` -> (bigG ``text_model`` state dict, ``text_projection.weight``)."""
-    model = {k[len(CLIP_G_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(CLIP_G_PREFIX)}
-    text_projection = model.pop("text_projection").T
+def clip_g_from_original(
+    checkpoint: dict[str, torch.Tensor], prefix: str = CLIP_G_PREFIX
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The open_clip part under ``prefix`` -> (``text_model`` state dict, ``text_projection.weight`` or None)."""
+    model = {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    text_projection = model.pop("text_projection", None)
     model.pop("logit_scale", None)
     num_layers = _num_layers(model, "transformer.resblocks.")
     fused = {k: model.pop(k) for k in list(model) if ".attn.in_proj_" in k}
-    text_model = _rename_all(model, _clip_g_key_map(num_layers).to_diffusers, "text_encoder_2")
+    text_model = _rename_all(model, _clip_g_key_map(num_layers).to_diffusers, "OpenCLIP text encoder")
     for i in range(num_layers):
         for kind in ("weight", "bias"):
             q, k, v = fused[f"transformer.resblocks.{i}.attn.in_proj_{kind}"].chunk(3)
             for name, part in zip("qkv", (q, k, v), strict=True):
                 text_model[f"encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = part
-    return text_model, text_projection
+    return text_model, None if text_projection is None else text_projection.T
