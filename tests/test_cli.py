@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import PIL.Image
@@ -177,6 +178,14 @@ def test_every_command_checks_numbers_and_out_before_loading(tmp_path, capsys, m
         err = capsys.readouterr().err
         assert err.startswith(f"di-star {argv[0]}: error: ") and err.count("\n") == 1, err
         assert message in err, (argv, err)
+    def read_only(**kwargs):  # what a read-only mount or /proc does, where os.access says yes to root
+        raise OSError(30, "Read-only file system", kwargs["dir"])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert main(["demo", "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot be created in {str(tmp_path)!r} ([Errno 30] Read-only file system" in err and "\n" not in err[:-1]
+    assert not (tmp_path / "new").exists()
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # (the tests run as root, who may write anywhere)
     assert main(["demo", "--out", str(tmp_path / "new")]) == 2
     assert f"the folder {str(tmp_path)!r} is not writable" in capsys.readouterr().err
