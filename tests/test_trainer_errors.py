@@ -5,6 +5,7 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from test_training_script import LORA, load_script, train_args
@@ -67,6 +68,19 @@ def test_output_dir_that_is_a_file(script, capsys, tmp_path, prompts):
     (tmp_path / "out").write_text("")
     err = one_line_error(script, capsys, train_args("x", prompts, tmp_path / "out"))
     assert err.startswith(f"--output_dir '{tmp_path / 'out'}' is a file")
+
+
+def test_output_dir_where_nothing_can_be_written(script, capsys, tmp_path, prompts, monkeypatch):
+    """A read-only mount (or /proc) passes os.access for root: writing is tried, and the run stops in one line."""
+
+    def read_only(**kwargs):
+        raise OSError(30, "Read-only file system", kwargs["dir"])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    out = tmp_path / "out" / "run"
+    err = one_line_error(script, capsys, train_args("x", prompts, out))
+    assert err.startswith(f"--output_dir '{out}' cannot be created: writing in '{tmp_path}' failed")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,10 @@ import itertools
 import math
 import os
 import sys
-import tempfile
 
 from .defaults import DTYPE_NAMES, MAX_BATCH_SIZE, MAX_IMAGE_PIXELS
 from .errors import DIStarError, first_line, is_disk_full
-from .sources import reward_option_problem
+from .sources import folder_write_problem, reward_option_problem
 
 DEFAULT_MODEL = "XDG-XHS/distar_long_1step"
 _DTYPE_CHOICES = sorted(DTYPE_NAMES)
@@ -502,31 +501,13 @@ def _check_number(dest: str, value) -> None:
             raise CLIError(f"{_flag(dest)} must be {bound}, got {item}.")
 
 
-def _nearest_existing(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.lexists(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def _check_out(path: str, is_folder: bool) -> None:
-    """``--out`` must be creatable: a folder (or a file's parent folder) under a writable existing folder. Writing is
-    tried (an empty folder made and removed), since ``os.access`` says yes to root on read-only or pseudo file
-    systems (``/proc``)."""
+    """``--out`` must be creatable: a folder (or a file's parent folder) that can be written."""
     if is_folder and os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"--out {path!r} is a file; pass a folder (it is created if missing).")
-    folder = path if is_folder else os.path.dirname(os.path.abspath(path))
-    existing = _nearest_existing(folder)
-    if not os.path.isdir(existing):
-        raise CLIError(f"--out {path!r} cannot be created: {existing!r} is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {path!r} cannot be created: the folder {existing!r} is not writable.")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".di-star-write-check-", dir=existing))
-    except OSError as err:
-        raise CLIError(
-            f"--out {path!r} cannot be created in {existing!r} ({first_line(err)}); pass another folder."
-        ) from None
+    problem = folder_write_problem(path if is_folder else os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise CLIError(f"--out {path!r} cannot be created: {problem}.")
 
 
 def _check_args(args) -> None:

@@ -2,16 +2,19 @@
 
 Every command and the trainer decide "Hub id or local path?" with :func:`is_hub_id` and word their errors with
 :func:`load_failure` (a local path is never given ``hf download`` advice; a Hub id always is, spelled one way).
+Where outputs go is checked once too: :func:`folder_write_problem`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from .errors import first_line
 
 __all__ = [
+    "folder_write_problem",
     "is_hub_id",
     "lora_run",
     "load_failure",
@@ -121,3 +124,21 @@ def reward_load_failure(spec: str, options: dict[str, dict[str, str]], error: Ba
         + ", or pass local copies: "
         + " ".join(f"{flag} {option}=PATH" for option, _ in sources)
     )
+
+
+def folder_write_problem(folder: str) -> str | None:
+    """Why ``folder`` (created if missing) cannot be written, else ``None``: the nearest existing path at or above it
+    must be a writable folder. Writing is tried (an empty folder made and removed), since ``os.access`` says yes to
+    root on read-only mounts and pseudo file systems such as ``/proc``."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing!r} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".di-star-write-check-", dir=existing))
+    except OSError as err:
+        return f"writing in {existing!r} failed ({first_line(err)})"
+    return None

@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Callable, Mapping
 
 from ..errors import DIStarError, first_line, is_disk_full
+from ..sources import folder_write_problem
 from .resume import compare_settings
 
 __all__ = [
@@ -148,11 +149,9 @@ def check_run_folder(output_dir: str, resuming: bool, overwrite: bool) -> None:
         raise CheckpointError("--output_dir is empty: pass a folder (it is created if missing).")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output_dir {output_dir!r} is a file: pass a folder (it is created if missing).")
-    existing = os.path.abspath(output_dir)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--output_dir {output_dir!r}: {existing!r} is not writable; choose another folder.")
+    problem = folder_write_problem(output_dir)
+    if problem:
+        raise CheckpointError(f"--output_dir {output_dir!r} cannot be created: {problem}; choose another folder.")
     if resuming or overwrite or not os.path.isdir(output_dir):
         return
     found = [*checkpoint_dirs(output_dir), *incomplete_dirs(output_dir)]
