@@ -32,7 +32,7 @@ import diffusers_di_star  # noqa: F401
 # isort: split
 # The flags are parsed and checked with these torch-free modules; torch, diffusers and accelerate are imported below,
 # after the check: a mistyped flag fails in about a second (docs/training.md).
-from diffusers_di_star.defaults import DEFAULT_CONDITIONING_TIMESTEP, DEFAULT_LORA_TARGET_MODULES
+from diffusers_di_star.defaults import DEFAULT_CONDITIONING_TIMESTEP, DEFAULT_LORA_TARGET_MODULES, TRAINED_ROLES
 from diffusers_di_star.errors import DIStarError, ModelLoadError, is_disk_full
 from diffusers_di_star.hub import VALIDATION_GRID, create_hub_repo, push_folder, write_model_card
 from diffusers_di_star.sources import local_path_problem, reward_load_failure, reward_option_problem
@@ -53,8 +53,6 @@ from diffusers_di_star.training.signals import EXIT_TERMINATED, StopRequest
 #: diffusers' schedules (``diffusers.optimization.SchedulerType``, named here so the flag is checked before diffusers
 #: loads; a test keeps them equal) that need nothing beyond warm-up and length (piecewise_constant needs step rules).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-#: The networks that train, each with its LoRA flags, optimiser and checkpoint folder.
-TRAINED_ROLES = ("generator", "assistant")
 #: The flags that only mean something with --use_lora.
 LORA_FLAGS = ("rank",) + tuple(
     f"{role}_lora_{key}" for role in TRAINED_ROLES for key in ("rank", "alpha", "target_modules")

@@ -3,7 +3,7 @@
 ``di-star`` and the trainer parse and check their flags with these before torch, diffusers, transformers or
 accelerate are imported, so a mistyped flag fails in about a second. The modules that use them import them from here
 (``losses.py`` the time sampler's range and the names of its distances and weightings, ``one_step.py`` t*, the
-pipeline its limits, the families the LoRA targets, ``runtime.py`` the dtype names).
+pipeline its limits, the families the LoRA targets, ``weights.py`` the dtype names, the engine the trained roles).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_BATCH_SIZE",
     "MAX_IMAGE_PIXELS",
     "TIME_WEIGHTING_NAMES",
+    "TRAINED_ROLES",
 ]
 
 #: t* of DMD2 and the released DI* checkpoints (docs/math.md §2).
@@ -45,3 +46,6 @@ MAX_BATCH_SIZE = 256
 
 #: The dtype names the command line and the export functions accept (``weights.DTYPES`` maps them to torch dtypes).
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+#: The networks that train, each with its LoRA flags, optimiser and checkpoint folder (named after it).
+TRAINED_ROLES = ("generator", "assistant")

@@ -53,7 +53,14 @@ from ..defaults import DEFAULT_LORA_TARGET_MODULES
 from ..losses import cfg_eps, sample_timesteps
 from ..one_step import DEFAULT_CONDITIONING_TIMESTEP, FlowSchedule, VPSchedule, one_step_x0, output_to_eps
 
-__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily", "read_model_index"]
+__all__ = ["DEFAULT_LORA_TARGET_MODULES", "Conditioning", "ModelFamily", "read_model_index", "token_ids"]
+
+
+def token_ids(tokenizer, texts: Sequence[str], max_length: int, device) -> torch.Tensor:
+    """``texts`` as the diffusers pipelines tokenize a prompt: padded and truncated to ``max_length`` tokens."""
+    return tokenizer(
+        list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
 
 
 def read_model_index(name: str, revision: str | None = None) -> dict:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import TensorConditioning
+from .base import TensorConditioning, token_ids
 from .sd3 import SD3Family
 
 __all__ = [
@@ -44,7 +44,8 @@ __all__ = [
 DEFAULT_FLUX_GUIDANCE = 3.5
 #: T5 tokens of the prompt (``FluxPipeline``'s default ``max_sequence_length``).
 MAX_SEQUENCE_LENGTH = 512
-#: What diffusers' FLUX DreamBooth LoRA example adapts: both streams' attention and feed-forward layers.
+#: Both streams' attention and feed-forward layers (the ``--lora_layers`` list commonly given to diffusers' FLUX
+#: DreamBooth LoRA script; docs/training.md).
 FLUX_LORA_TARGET_MODULES = (
     "attn.to_k",
     "attn.to_q",
@@ -99,9 +100,7 @@ def encode_flux_prompts(
     for tokenizer, text_encoder, length in zip(
         tokenizers, text_encoders, (tokenizers[0].model_max_length, max_sequence_length), strict=True
     ):
-        input_ids = tokenizer(
-            texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids.to(text_encoder.device)
+        input_ids = token_ids(tokenizer, texts, length, text_encoder.device)
         outputs.append(text_encoder(input_ids, output_hidden_states=False))
     pooled, embeds = outputs[0].pooler_output, outputs[1][0].to(text_encoders[1].dtype)
     n = len(prompts)

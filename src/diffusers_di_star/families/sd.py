@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelFamily, TensorConditioning
+from .base import ModelFamily, TensorConditioning, token_ids
 
 __all__ = ["SDConditioning", "SDFamily", "encode_sd_prompts"]
 
@@ -35,13 +35,7 @@ class SDConditioning(TensorConditioning):
 def encode_sd_prompts(prompts: Sequence[str], tokenizer, text_encoder: torch.nn.Module) -> SDConditioning:
     """As ``StableDiffusionPipeline.encode_prompt`` without clip skip: the last hidden states of the prompts and of
     "" (∅), padded to the tokenizer's length; one text-encoder call."""
-    input_ids = tokenizer(
-        [*prompts, ""],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
+    input_ids = token_ids(tokenizer, [*prompts, ""], tokenizer.model_max_length, text_encoder.device)
     embeds = text_encoder(input_ids)[0]
     return SDConditioning(embeds[:-1], embeds[-1:].expand(len(prompts), -1, -1))
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import ModelFamily, TensorConditioning, read_model_index
+from .base import ModelFamily, TensorConditioning, read_model_index, token_ids
 
 __all__ = [
     "DEFAULT_SIGMA_STAR",
@@ -97,17 +97,13 @@ def encode_sd3_prompts(
     texts = [*prompts, ""]
     hidden, pooled = [], []
     for tokenizer, text_encoder in zip(tokenizers[:2], text_encoders[:2], strict=True):
-        input_ids = tokenizer(
-            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(text_encoder.device)
+        input_ids = token_ids(tokenizer, texts, tokenizer.model_max_length, text_encoder.device)
         output = text_encoder(input_ids, output_hidden_states=True)
         hidden.append(output.hidden_states[-2].to(text_encoders[0].dtype))
         pooled.append(output[0])
     clip_embeds = torch.cat(hidden, dim=-1)
     if len(text_encoders) == 3:
-        input_ids = tokenizers[2](
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(text_encoders[2].device)
+        input_ids = token_ids(tokenizers[2], texts, max_sequence_length, text_encoders[2].device)
         t5_embeds = text_encoders[2](input_ids)[0].to(clip_embeds.device)
     else:
         t5_embeds = clip_embeds.new_zeros(len(texts), max_sequence_length, joint_attention_dim)

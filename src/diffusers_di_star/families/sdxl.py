@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..export import load_generator_unet
-from .base import ModelFamily, TensorConditioning
+from .base import ModelFamily, TensorConditioning, token_ids
 
 __all__ = ["SDXLConditioning", "SDXLFamily", "encode_prompts"]
 
@@ -47,13 +47,7 @@ def encode_prompts(
     """
     hidden_states = []
     for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
-        input_ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(text_encoder.device)
+        input_ids = token_ids(tokenizer, prompts, tokenizer.model_max_length, text_encoder.device)
         output = text_encoder(input_ids, output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])
         pooled = output[0]

@@ -23,11 +23,11 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils import DistributedType
 from peft import set_peft_model_state_dict
 
+from ..defaults import TRAINED_ROLES
 from ..export.lora import diffusers_lora_to_peft
 from .models import DIStarNetworks
 
 __all__ = [
-    "ROLE_DIRS",
     "RoleOptimisation",
     "all_finite",
     "backward",
@@ -47,8 +47,6 @@ T = TypeVar("T")
 
 DDP_CONFIG = "examples/accelerate_configs/multi_gpu.yaml"
 FSDP_CONFIG = "examples/accelerate_configs/fsdp_8gpu.yaml"
-#: The trained roles and their folder in a checkpoint.
-ROLE_DIRS = {"generator": "generator", "assistant": "assistant"}
 #: accelerate's ``mixed_precision`` -> the dtype of frozen weights.
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -135,7 +133,7 @@ def prepare_networks(
     Three-in-one LoRA is one unit with both optimisers (DDP only, see :func:`check_engine`). Returns each role's
     prepared optimiser, scheduler and parameters to clip.
     """
-    roles = tuple(ROLE_DIRS)
+    roles = TRAINED_ROLES
     units = networks.prepare_units()
     groups = [roles] if len(units) == 1 else [(role,) for role in roles]
     networks.prepared, new_optimizers, new_schedulers = {}, {}, {}
@@ -271,8 +269,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
 
     def save_hook(models, weights, output_dir):
         failure = None
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(output_dir, folder)
+        for role in TRAINED_ROLES:
+            path = os.path.join(output_dir, role)
             if networks.use_lora:
                 state_dict, metadata = networks.lora_state_dict(role)  # every rank: FSDP2 gathers the shards
                 write = functools.partial(family.save_lora_weights, path, state_dict, metadata)
@@ -292,8 +290,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, networks: DIStarNetworks
         if networks.route_frozen_calls:
             return  # accelerate's FSDP checkpoint restores the sharded units (and `models` is empty)
         models.clear()
-        for role, folder in ROLE_DIRS.items():
-            path = os.path.join(input_dir, folder)
+        for role in TRAINED_ROLES:
+            path = os.path.join(input_dir, role)
             if networks.use_lora:
                 incompatible = set_peft_model_state_dict(
                     networks.bare_unet(role),
