@@ -88,6 +88,8 @@ def build_app(
         if images is None or not current():
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()  # stale: a newer request shows its own images
         gallery, paths = save(images)
+        if not current():  # again, last: a newer request may have finished while these PNGs were written
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return gallery, paths, _status(images, request.prompt), request.seed
 
     def run_compare(prompt, before_model, before_lora, after_model, after_lora, lora_scale, seed, randomize, w, h, n):
