@@ -13,7 +13,6 @@ from peft.utils import get_peft_model_state_dict
 from diffusers_di_star import DIStarSDXLPipeline
 from diffusers_di_star.demo_app import (
     DemoError,
-    LatestRequest,
     ModelCache,
     Settings,
     compare,
@@ -105,21 +104,6 @@ def test_offline_hub_id_is_a_message_that_says_what_to_download(tmp_path, monkey
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(DemoError, match="not in the local Hugging Face cache and the Hub is unreachable"):
         ModelCache(device="cpu").get("nobody/no-such-model")
-
-
-def test_a_stale_request_stops_and_the_newest_wins_whatever_the_order():
-    latest = LatestRequest()
-    latest.claim(2)  # request 2 reached the server first
-    latest.claim(1)
-    assert latest.is_current(2) and not latest.is_current(1)
-    calls = []
-
-    class Cache(ModelCache):
-        def get(self, model, lora=None):
-            calls.append(model)
-
-    assert generate(Cache(device="cpu"), Settings("a", "m", width=64, height=64), is_current=lambda: False) is None
-    assert calls == []  # stopped before loading anything
 
 
 def test_serve_checks_its_port_before_starting(capsys):

@@ -1,7 +1,8 @@
 """The demo app (``di-star serve``) in a real browser: headless Chromium driven by playwright, on the tiny model.
 
 The page must show the pipeline's own pixels: the image is fetched from its ``<img src>`` and compared exactly with
-``DIStarSDXLPipeline`` for the same prompt, seed and size. Every wait is on a condition in the page, never a sleep.
+``DIStarSDXLPipeline`` for the same prompt, seed and size. Every wait is on a condition in the page, never a sleep
+(one test slows the server's generation so that keystrokes arrive while a request is in flight).
 ``DI_STAR_SCREENSHOT=docs/demo_app.png`` also writes the screenshot taken of the real page to that path (how the
 one in docs/pipeline.md was made).
 """
@@ -130,13 +131,36 @@ def test_bad_request_shows_the_message_in_the_page(page, fields, message):
     assert page.locator("#gallery img").count() == 0
 
 
-def test_two_quick_prompts_end_with_the_image_of_the_last(page, server):
+def test_two_quick_prompts_end_with_the_image_of_the_last(page, server, monkeypatch):
+    import threading
+    import time
+
+    from diffusers_di_star import demo_ui
+
+    calls, lock = {"in_flight": 0, "most": 0, "prompts": []}, threading.Lock()
+
+    def slow_generate(cache, settings, **kwargs):  # slow enough that keystrokes arrive while one is in flight
+        with lock:
+            calls["in_flight"] += 1
+            calls["most"] = max(calls["most"], calls["in_flight"])
+            calls["prompts"].append(settings.prompt)
+        time.sleep(0.3)
+        try:
+            return generate(cache, settings, **kwargs)
+        finally:
+            with lock:
+                calls["in_flight"] -= 1
+
+    generate = demo_ui.generate
+    monkeypatch.setattr(demo_ui, "generate", slow_generate)
     _type_prompt(page, "a fox in a snowy forest")
     last = "a bowl of ramen with chopsticks"
-    _type_prompt(page, last)  # at once: the first prompt's requests are now stale
+    _type_prompt(page, last)  # at once: the requests of the first prompt may still be in flight
     sync_api.expect(page.locator("#status")).to_contain_text(f"{last} · 1 image")
     shown = PIL.Image.open(io.BytesIO(_shown_png(page)))
     np.testing.assert_array_equal(np.asarray(shown), _pipeline_image(server["model"], last, seed=0))
+    assert calls["most"] == 1  # the page sends its next request only once the one in flight has shown its images
+    assert calls["prompts"][-1] == last
 
 
 def test_space_app_builds_the_page_from_its_variables(server, monkeypatch):

@@ -14,7 +14,6 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import PIL.Image
@@ -28,7 +27,6 @@ __all__ = [
     "MAX_IMAGES",
     "DemoError",
     "GeneratedImage",
-    "LatestRequest",
     "ModelCache",
     "Settings",
     "compare",
@@ -187,50 +185,18 @@ class ModelCache:
         return self._loader(model, dtype=self.dtype, device=self.device)
 
 
-class LatestRequest:
-    """Which live request is the newest: requests are numbered in the order the user made them, and a request is
-    stale once a higher number has been claimed.
-
-    The page makes a request per keystroke; a stale one stops before its next image and shows nothing, so the page
-    always ends on the newest prompt, whatever order the server's threads run them in.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._latest = 0
-
-    def __deepcopy__(self, memo):  # Gradio copies a State's value per browser session: a fresh counter each
-        return LatestRequest()
-
-    def claim(self, number: int) -> None:
-        with self._lock:
-            self._latest = max(self._latest, number)
-
-    def is_current(self, number: int) -> bool:
-        with self._lock:
-            return number == self._latest
-
-
 def generate(
     cache: ModelCache,
     settings: Settings,
-    is_current: Callable[[], bool] = lambda: True,
     max_pixels: int | None = MAX_PIXELS,
-) -> list[GeneratedImage] | None:
-    """``settings.num_images`` images, one pipeline call each (seeds ``seed``, ``seed + 1``, ...), each timed.
-
-    Returns ``None`` as soon as ``is_current()`` is false (a newer request came): before loading and between images.
-    """
+) -> list[GeneratedImage]:
+    """``settings.num_images`` images, one pipeline call each (seeds ``seed``, ``seed + 1``, ...), each timed."""
     settings.check(max_pixels)
     with cache.lock:
-        if not is_current():
-            return None
         pipe = cache.get(settings.model, settings.lora)
         scale = {"scale": settings.lora_scale} if settings.lora else None
         images = []
         for index in range(settings.num_images):
-            if not is_current():
-                return None
             seed = settings.image_seed(index)
             generator = torch.Generator("cpu").manual_seed(seed)
             start = time.perf_counter()

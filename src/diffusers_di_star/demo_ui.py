@@ -1,8 +1,9 @@
 """The Gradio page of ``di-star serve``: a thin layer over :mod:`diffusers_di_star.demo_app`.
 
-Typing a prompt starts a request per keystroke; each waits ``debounce`` seconds and stops if a newer one started
-(:class:`~diffusers_di_star.demo_app.LatestRequest`), so the page generates once per pause and ends on the newest
-prompt. Errors are shown in the page's status line, never as a traceback.
+Typing a prompt, Enter and the Generate button are one Gradio event with ``trigger_mode="always_last"``: a page has
+at most one request in flight, and what the user does meanwhile becomes one request, sent with the page's newest
+values when the one in flight has shown its images. The browser orders the requests, so the page always ends on the
+newest prompt, whatever the server's threads do. Errors are shown in the page's status line, never as a traceback.
 """
 
 from __future__ import annotations
@@ -10,24 +11,15 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-import time
 
 import gradio as gr
 
-from .demo_app import MAX_IMAGES, MAX_PIXELS, DemoError, LatestRequest, ModelCache, Settings, compare, generate
+from .demo_app import MAX_IMAGES, MAX_PIXELS, DemoError, ModelCache, Settings, compare, generate
 from .demo_app import random_seed as new_seed
 
 __all__ = ["build_app"]
 
 _TITLE = "# DI\\* one-step text-to-image\nOne UNet call per image: the image follows your typing."
-
-
-#: Numbers each request in the page, in the order the user made them: the server's worker threads may start requests
-#: in another order, so the newest is told by this number (LatestRequest.claim), not by arrival.
-_NUMBER_REQUEST = """(...values) => {
-    window.diStarRequests = (window.diStarRequests || 0) + 1;
-    return [values[0], window.diStarRequests, ...values.slice(2, %d)];
-}"""
 
 
 def _status(images, prompt: str) -> str:
@@ -46,7 +38,6 @@ def build_app(
     device: str | None = None,
     dtype: str | None = None,
     variant: str | None = None,
-    debounce: float = 0.3,
     max_pixels: int | None = MAX_PIXELS,
     output_dir: str | None = None,
 ) -> gr.Blocks:
@@ -74,22 +65,13 @@ def build_app(
             lora_scale=float(lora_scale),
         )
 
-    def run(latest: LatestRequest, request_id, live: bool, *values):
-        number = int(request_id or 0)  # 0: not numbered by the page (an API client), never superseded
-        latest.claim(number)
-        current = (lambda: latest.is_current(number)) if number else (lambda: True)
-        if live and debounce:
-            time.sleep(debounce)  # debounce: a keystroke within this pause supersedes this request
+    def run(*values):
         try:
             request = settings(*values)
-            images = generate(cache, request, is_current=current, max_pixels=max_pixels)
+            images = generate(cache, request, max_pixels=max_pixels)
         except DemoError as err:
             return None, None, f"⚠️ {err}", gr.skip()
-        if images is None or not current():
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()  # stale: a newer request shows its own images
         gallery, paths = save(images)
-        if not current():  # again, last: a newer request may have finished while these PNGs were written
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return gallery, paths, _status(images, request.prompt), request.seed
 
     def run_compare(prompt, before_model, before_lora, after_model, after_lora, lora_scale, seed, randomize, w, h, n):
@@ -104,8 +86,6 @@ def build_app(
         )
 
     with gr.Blocks(title="DI* one-step demo") as app:
-        latest = gr.State(LatestRequest())
-        request_id = gr.Number(value=0, visible=False)  # numbered in the page (_NUMBER_REQUEST), in typing order
         gr.Markdown(_TITLE)
         prompt = gr.Textbox(label="Prompt", placeholder="a photo of an astronaut riding a horse on mars",
                             elem_id="prompt")
@@ -137,13 +117,14 @@ def build_app(
                 before_gallery = gr.Gallery(label="Before", format="png", elem_id="before")
                 after_gallery = gr.Gallery(label="After", format="png", elem_id="after")
 
-        inputs = [latest, request_id, prompt, model_box, lora, lora_scale, seed, randomize, width, height, num_images]
-        outputs = [gallery, files, status, seed]
-        number = _NUMBER_REQUEST % len(inputs)
-        prompt.input(lambda s, i, *v: run(s, i, True, *v), inputs, outputs, js=number, trigger_mode="multiple",
-                     concurrency_limit=8, show_progress="hidden")
-        for trigger in (button.click, prompt.submit, model_box.submit, lora.submit):
-            trigger(lambda s, i, *v: run(s, i, False, *v), inputs, outputs, js=number, concurrency_limit=8)
+        gr.on(
+            [prompt.input, prompt.submit, button.click, model_box.submit, lora.submit],
+            run,
+            [prompt, model_box, lora, lora_scale, seed, randomize, width, height, num_images],
+            [gallery, files, status, seed],
+            trigger_mode="always_last",  # one request in flight per page; the next is sent with the newest values
+            show_progress="minimal",
+        )
         compare_button.click(
             run_compare,
             [prompt, before_model, before_lora, after_model, after_lora, lora_scale, seed, randomize, width, height,
