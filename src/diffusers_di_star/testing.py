@@ -360,10 +360,11 @@ def _tiny_t5_encoder(vocab_size: int, width: int, seed: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def get_tiny_sd3_transformer(seed: int = 0, sample_size: int = 8) -> SD3Transformer2DModel:
-    """An SD3.5-Medium-layout transformer (patch 2, 16 latent channels, a dual-attention first block, RMS q/k norm)."""
+def get_tiny_sd3_transformer(seed: int = 0, sample_size: int = 8, **overrides) -> SD3Transformer2DModel:
+    """An SD3.5-Medium-layout transformer (patch 2, 16 latent channels, a dual-attention first block, RMS q/k norm);
+    ``overrides`` replace config entries (e.g. other widths)."""
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(
+    config = dict(
         sample_size=sample_size,
         patch_size=2,
         in_channels=16,
@@ -377,7 +378,8 @@ def get_tiny_sd3_transformer(seed: int = 0, sample_size: int = 8) -> SD3Transfor
         pos_embed_max_size=16,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
-    ).eval()
+    )
+    return SD3Transformer2DModel(**(config | overrides)).eval()
 
 
 def get_sd3_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
@@ -426,12 +428,12 @@ def save_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, with_t5: bool
 FLUX_JOINT_ATTENTION_DIM = 32
 
 
-def get_tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True) -> FluxTransformer2DModel:
+def get_tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True, **overrides) -> FluxTransformer2DModel:
     """A FLUX.1-dev-layout transformer: 16 latent channels packed in 2×2 patches (64 inputs), one double-stream and one
     single-stream block, RoPE over (text, row, column) ids, the guidance embedding (``guidance_embeds=False``: the
-    FLUX.1-schnell layout). The sizes of diffusers' own FLUX pipeline tests."""
+    FLUX.1-schnell layout). The sizes of diffusers' own FLUX pipeline tests; ``overrides`` replace config entries."""
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
+    config = dict(
         patch_size=1,
         in_channels=64,
         num_layers=1,
@@ -442,7 +444,8 @@ def get_tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True) -> Fl
         pooled_projection_dim=TEXT_HIDDEN_SIZES[0],
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),
-    ).eval()
+    )
+    return FluxTransformer2DModel(**(config | overrides)).eval()
 
 
 def get_flux_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -26,7 +26,6 @@ from collections import Counter
 from contextlib import contextmanager
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from diffusers_di_star.families.flux import DEFAULT_FLUX_GUIDANCE, FluxConditioning, FluxFamily
@@ -36,7 +35,9 @@ from diffusers_di_star.testing import (
     SD3_CLIP_HIDDEN_SIZES,
     SD3_JOINT_ATTENTION_DIM,
     get_tiny_flux_components,
+    get_tiny_flux_transformer,
     get_tiny_sd3_components,
+    get_tiny_sd3_transformer,
 )
 from diffusers_di_star.training.config import DIStarConfig
 from diffusers_di_star.training.models import setup_networks
@@ -93,22 +94,11 @@ def max_diff(a, b):
 
 
 def sd3_case(sd35: bool):
-    """SD3.5-Medium's layout (our tiny SD3's: a dual-attention first block, RMS q/k norm), or SD3-Medium's."""
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=64,
-        num_attention_heads=2,
-        joint_attention_dim=SD3_JOINT_ATTENTION_DIM,
-        caption_projection_dim=128,
-        pooled_projection_dim=sum(SD3_CLIP_HIDDEN_SIZES),
-        pos_embed_max_size=16,
-        dual_attention_layers=(0,) if sd35 else (),
-        qk_norm="rms_norm" if sd35 else None,
+    """Our tiny SD3 with 2 heads of 64 (width 128 for ComfyUI's 64·depth, depth = 2 blocks): SD3.5-Medium's layout
+    (the tiny SD3's: a dual-attention first block, RMS q/k norm), or SD3-Medium's (neither)."""
+    sd3_medium = {} if sd35 else {"dual_attention_layers": (), "qk_norm": None}
+    transformer = get_tiny_sd3_transformer(
+        attention_head_dim=64, num_attention_heads=2, caption_projection_dim=128, **sd3_medium
     )
     g = torch.Generator().manual_seed(0)
     context = torch.randn(2, 12, SD3_JOINT_ATTENTION_DIM, generator=g)
@@ -119,18 +109,14 @@ def sd3_case(sd35: bool):
 
 
 def flux_case(guidance_embeds: bool):
-    """FLUX.1-dev's layout (the guidance embedding), or FLUX.1-schnell's."""
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
+    """Our tiny FLUX at the widths ComfyUI's detection fixes (FLUX.1's), one double and one single block as before:
+    FLUX.1-dev's layout (the guidance embedding), or FLUX.1-schnell's."""
+    transformer = get_tiny_flux_transformer(
+        guidance_embeds=guidance_embeds,
         attention_head_dim=128,
         num_attention_heads=24,
         joint_attention_dim=4096,
         pooled_projection_dim=768,
-        guidance_embeds=guidance_embeds,
         axes_dims_rope=(16, 56, 56),
     )
     g = torch.Generator().manual_seed(0)
