@@ -207,7 +207,7 @@ def check_lora(name, transformer, family, cond, comfy_kwargs, model, inputs, lor
     print(
         f"-- LoRA r {RANK}, lora_alpha {lora_alpha:g} (PEFT scale {scale:g}): {len(in_file)} tensors, "
         f"{formats['lora_A'] + formats['down']} modules, key suffixes {dict(formats)} "
-        f"(e.g. {min(k for k in in_file if '.lora.' in k)}, {min(k for k in in_file if '.lora_A.' in k)}); "
+        f"(e.g. {min(in_file)}); "
         f".alpha tensors: {sum(k.endswith('.alpha') for k in in_file)}"
     )
     for strength in sorted({1.0, scale}):

@@ -48,6 +48,7 @@ from typing import ClassVar, Protocol
 
 import diffusers
 import torch
+from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..defaults import DEFAULT_LORA_TARGET_MODULES
 from ..losses import cfg_eps, sample_timesteps
@@ -140,6 +141,9 @@ class ModelFamily:
     pipeline_name: ClassVar[str]
     network_class_name: ClassVar[str]
     network_subfolder: ClassVar[str] = "unet"
+    #: LoRA keys saved as Diffusers' training scripts save them for this network: UNets through
+    #: ``convert_state_dict_to_diffusers`` (``to_q.lora.down``), transformers with PEFT's own keys (``lora_A``).
+    converts_lora_keys: ClassVar[bool] = True
     latent_channels: ClassVar[int] = 4
     vae_scale_factor: ClassVar[int] = 8
     #: What a training resolution must be a multiple of: the VAE factor, times the patch size of a transformer.
@@ -337,7 +341,12 @@ class ModelFamily:
 
     @classmethod
     def save_lora_weights(cls, folder: str, state_dict: dict, metadata: dict) -> None:
-        """A network LoRA (diffusers keys) as ``pytorch_lora_weights.safetensors``, as diffusers' pipelines save it."""
+        """A network LoRA (PEFT keys, ``get_peft_model_state_dict``'s) as ``pytorch_lora_weights.safetensors``, in the
+        key layout of Diffusers' training scripts for this network (:attr:`converts_lora_keys`), which its pipeline's
+        ``load_lora_weights`` reads in full (SD3's and FLUX's drop the ``lora.down`` keys of a UNet-style file when its
+        first key is PEFT's)."""
+        if cls.converts_lora_keys:
+            state_dict = convert_state_dict_to_diffusers(state_dict)
         cls.pipeline_class().save_lora_weights(
             folder,
             **{f"{cls.network_subfolder}_lora_layers": state_dict},

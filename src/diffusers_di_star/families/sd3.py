@@ -130,6 +130,7 @@ class SD3Family(ModelFamily):
     hub_tag = "sd3"  # as diffusers' SD3 training scripts tag their model cards
     license = ("other", "the Stability AI Community License of SD3 / SD3.5, which these weights derive from")
     network_subfolder = "transformer"
+    converts_lora_keys = False  # PEFT's keys, as diffusers' train_dreambooth_lora_sd3.py / _flux.py save them
     latent_channels = 16
     resolution_multiple = 16  # 2×2 patches of the latents
     default_conditioning_timestep = DEFAULT_SIGMA_STAR

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.tensor import DTensor
@@ -122,7 +121,8 @@ class DIStarNetworks:
     def lora_state_dict(
         self, role: str, unet: torch.nn.Module | None = None
     ) -> tuple[dict[str, torch.Tensor], dict]:
-        """The role's LoRA in diffusers' ``save_lora_weights`` key format, and its peft config as metadata.
+        """The role's LoRA with PEFT's keys (``<module>.lora_A.weight``), and its peft config as metadata: what the
+        family's ``save_lora_weights`` takes.
 
         Taken from ``unet`` when given (a gathered copy, see ``engine.gather_unet``), else from the role's own UNet;
         FSDP2's shards of the latter are gathered, so then every rank must call this.
@@ -137,7 +137,7 @@ class DIStarNetworks:
             if marker in name
         }
         state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
-        return convert_state_dict_to_diffusers(state_dict), unet.peft_config[adapter].to_dict()
+        return state_dict, unet.peft_config[adapter].to_dict()
 
 
 class RoleModule(torch.nn.Module):
