@@ -202,7 +202,12 @@ def _add_eval_parser(subparsers) -> None:
         "per-image scores (CSV, JSON), a Markdown table in the paper's layout and a contact sheet to --out. An "
         "interrupted run resumes where it stopped. See docs/evaluation.md.",
     )
-    p.add_argument("--model", action="append", required=True, help="Hub id or local SDXL-layout folder; repeatable")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="Hub id or local Diffusers folder of any family (SDXL, SD1.5/2.x, SD3, FLUX.1); repeatable",
+    )
     p.add_argument(
         "--prompts",
         required=True,
@@ -428,7 +433,9 @@ def _add_serve_parser(subparsers) -> None:
         "through two models side by side. --tiny builds a tiny offline model to try the page without a download.",
     )
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or local SDXL-layout folder (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id or local Diffusers folder of any family (SDXL, SD1.5/2.x, SD3, FLUX.1; default {DEFAULT_MODEL})",
     )
     p.add_argument("--compare-model", default=None, help="the 'after' model of the before/after tab (default --model)")
     p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight SDXL built locally (offline)")

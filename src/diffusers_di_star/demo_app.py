@@ -2,12 +2,14 @@
 comparison of two models on the same seed, and PNGs that carry their settings.
 
 ``demo_ui.py`` puts a Gradio page over these functions (``di-star serve``); the tests call them directly. Image ``i``
-of a request is ``DIStarSDXLPipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed + i))``, one pipeline
-call per image, so every image can be regenerated alone from the seed in its PNG.
+of a request is the model family's one-step pipeline (``DIStarSDXLPipeline``, ``DIStarSDPipeline``,
+``DIStarSD3Pipeline``, ``DIStarFluxPipeline``) called with ``generator=torch.Generator("cpu").manual_seed(seed + i)``,
+one pipeline call per image, so every image can be regenerated alone from the seed in its PNG.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
@@ -49,7 +51,8 @@ class DemoError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """One request: the prompt, the model (Hub id or local SDXL-layout folder), an optional LoRA and the sampling."""
+    """One request: the prompt, the model (Hub id or local folder of any family: SDXL, SD1.5/2.x, SD3, FLUX.1), an
+    optional LoRA and the sampling."""
 
     prompt: str
     model: str
@@ -185,6 +188,13 @@ class ModelCache:
         return self._loader(model, dtype=self.dtype, device=self.device)
 
 
+def _attention_kwargs(pipe) -> str:
+    """The call argument that takes the LoRA scale: UNet pipelines' ``cross_attention_kwargs``, transformer pipelines'
+    (SD3, FLUX) ``joint_attention_kwargs``."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    return "joint_attention_kwargs" if "joint_attention_kwargs" in parameters else "cross_attention_kwargs"
+
+
 def generate(
     cache: ModelCache,
     settings: Settings,
@@ -194,7 +204,7 @@ def generate(
     settings.check(max_pixels)
     with cache.lock:
         pipe = cache.get(settings.model, settings.lora)
-        scale = {"scale": settings.lora_scale} if settings.lora else None
+        scale = {_attention_kwargs(pipe): {"scale": settings.lora_scale}} if settings.lora else {}
         images = []
         for index in range(settings.num_images):
             seed = settings.image_seed(index)
@@ -206,7 +216,7 @@ def generate(
                     width=settings.width,
                     height=settings.height,
                     generator=generator,
-                    cross_attention_kwargs=scale,
+                    **scale,
                 ).images[0]
             except ValueError as err:  # check_inputs: names the value and the fix
                 raise DemoError(str(err)) from err
