@@ -20,7 +20,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
-from diffusers.utils import convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -34,6 +34,7 @@ from diffusers_di_star.export import (
     checkpoint_state_dict,
     components_from_checkpoint,
     export_comfyui_checkpoint,
+    export_comfyui_lora,
     export_comfyui_unet,
     export_diffusers,
     export_kohya_lora,
@@ -859,3 +860,55 @@ def test_trainer_sd_lora_run_exports_to_kohya_and_loads_back_equal(tiny_sd_dirs,
     assert np.abs(with_run - _one_step_images(tiny_sd_dirs["sd1"])).max() > 1e-4  # the LoRA is not a no-op
     np.testing.assert_allclose(_one_step_images(tiny_sd_dirs["sd1"], str(tmp_path), "kohya.safetensors"), with_run,
                                rtol=0, atol=1e-6)  # fmt: skip
+
+
+def _trainer_transformer_lora(family, network, folder, lora_alpha: float) -> dict:
+    """A LoRA saved by the trainer's path (``setup_networks``, ``lora_state_dict``, the family's
+    ``save_lora_weights``), rank 2, with noise on every LoRA weight; returns the generator's PEFT keys and weights."""
+    from diffusers_di_star.training.config import DIStarConfig
+    from diffusers_di_star.training.models import setup_networks
+
+    targets = family.lora_target_modules
+    config = DIStarConfig(resolution=64, generator_lora_target_modules=targets, assistant_lora_target_modules=targets,
+                          generator_lora_rank=2, assistant_lora_rank=2, generator_lora_alpha=lora_alpha)
+    networks = setup_networks(config, network)
+    with torch.no_grad():
+        for parameter in networks.trainable_parameters("generator"):
+            parameter.add_(torch.randn_like(parameter))
+    saved, metadata = networks.lora_state_dict("generator")
+    family.save_lora_weights(str(folder), saved, metadata)
+    return saved
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_comfyui_lora_carries_each_modules_true_alpha(name, tmp_path):
+    """ComfyUI scales a Diffusers-keyed SD3/FLUX LoRA by ``<module>.alpha`` / rank (1 without it, whatever the
+    metadata says: tests/fidelity/check_comfy_sd3_flux.py), so the export writes alpha = lora_alpha for each module."""
+    from diffusers_di_star.families import FAMILIES
+    from diffusers_di_star.testing import get_tiny_flux_transformer, get_tiny_sd3_transformer
+
+    family = FAMILIES[name]
+    network = {"sd3": get_tiny_sd3_transformer, "flux": get_tiny_flux_transformer}[name]()
+    saved = _trainer_transformer_lora(family, network, tmp_path / "run", lora_alpha=8.0)
+    out = export_model(str(tmp_path / "run"), "comfyui-lora", tmp_path / "comfy.safetensors", dtype="fp32")
+    exported = load_file(out)
+    alphas = {k: v for k, v in exported.items() if k.endswith(".alpha")}
+    assert sorted(set(exported) - set(alphas)) == sorted(f"transformer.{k}" for k in saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(exported[f"transformer.{key}"], value, rtol=0, atol=0)
+    modules = {k.rsplit(".lora_", 1)[0] for k in saved}
+    assert sorted(alphas) == sorted(f"transformer.{m}.alpha" for m in modules)
+    assert all(v.dtype == torch.float32 and v.item() == 8.0 for v in alphas.values())
+
+    # An earlier SD3/FLUX file (lora.down keys for the attention projections) exports the same.
+    earlier = {f"transformer.{k}": v for k, v in convert_state_dict_to_diffusers(saved).items()}
+    save_file(earlier, tmp_path / "earlier.safetensors", metadata=export_files.read_metadata(
+        tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    again = export_comfyui_lora(tmp_path / "earlier.safetensors", tmp_path / "again.safetensors", dtype="fp32")
+    assert load_file(again).keys() == exported.keys()
+
+
+def test_comfyui_lora_refuses_a_unet_lora_and_names_kohya_lora(tiny_lora, tmp_path):
+    with pytest.raises(ExportError, match="is a UNet LoRA; --format kohya-lora writes it with its alphas"):
+        export_comfyui_lora(tiny_lora["folder"], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

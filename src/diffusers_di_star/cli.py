@@ -135,7 +135,7 @@ def _cmd_demo(args) -> None:
     demo.run(args.out)
 
 
-_EXPORT_FORMATS = ("comfyui-checkpoint", "comfyui-unet", "kohya-lora", "diffusers")
+_EXPORT_FORMATS = ("comfyui-checkpoint", "comfyui-unet", "kohya-lora", "comfyui-lora", "diffusers")
 _EXPORT_OPTIONS = (
     "dtype",
     "base_model",
@@ -154,6 +154,7 @@ def _add_export_parser(subparsers) -> None:
         help="convert a model for ComfyUI / A1111 / kohya tools, or back to Diffusers",
         description="comfyui-checkpoint: full SDXL or SD1.x/2.x single file (Load Checkpoint); comfyui-unet: UNet "
         "only (Load Diffusion Model); kohya-lora: a Diffusers LoRA in kohya format with its true alpha (LoraLoader); "
+        "comfyui-lora: an SD3 / FLUX.1 LoRA with its true alphas (LoraLoader at strength 1.0); "
         "diffusers: a single file, UNet file, DMD2 .bin or kohya LoRA back to a Diffusers folder. See docs/export.md.",
     )
     p.add_argument("--model", required=True, help="local folder or file, or Hub id ('owner/name')")

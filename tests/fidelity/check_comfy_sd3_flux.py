@@ -12,7 +12,8 @@ tensor (so that no norm keeps its default), fp32, CPU.
 
 The LoRA is written by the trainer's own path: ``setup_networks`` (the generator's PEFT adapter with the family's
 target modules), ``DIStarNetworks.lora_state_dict`` and the family's ``save_lora_weights``; the generator's LoRA B
-(zero at init) gets noise so that every module moves the output.
+(zero at init) gets noise so that every module moves the output. Each LoRA also goes through ``di-star export
+--format comfyui-lora`` (its alphas as ``<module>.alpha`` tensors) and ComfyUI at strength 1.0.
 
 Run: PYTHONPATH=<ComfyUI source>:<its deps>:src python tests/fidelity/check_comfy_sd3_flux.py <out dir>
 """
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import load_file
 
+from diffusers_di_star.export import export_comfyui_lora
 from diffusers_di_star.families.flux import DEFAULT_FLUX_GUIDANCE, FluxConditioning, FluxFamily
 from diffusers_di_star.families.sd3 import DEFAULT_SIGMA_STAR, SD3Conditioning, SD3Family
 from diffusers_di_star.one_step import FlowSchedule, one_step_x0
@@ -210,10 +212,12 @@ def check_lora(name, transformer, family, cond, comfy_kwargs, model, inputs, lor
         f"(e.g. {min(in_file)}); "
         f".alpha tensors: {sum(k.endswith('.alpha') for k in in_file)}"
     )
-    for strength in sorted({1.0, scale}):
+    exported = export_comfyui_lora(path, f"{folder}/comfyui_lora.safetensors", dtype="fp32")
+    runs = [(path, strength) for strength in sorted({1.0, scale})] + [(exported, 1.0)]
+    for file, strength in runs:
         with captured() as messages:
             patched, _ = comfy.sd.load_lora_for_models(
-                model, None, comfy.utils.load_torch_file(path, safe_load=True), strength, 0.0
+                model, None, comfy.utils.load_torch_file(file, safe_load=True), strength, 0.0
             )  # LoraLoader's calls
         applied = sum(len(p) for p in patched.patches.values())
         patched.patch_model()
@@ -221,6 +225,7 @@ def check_lora(name, transformer, family, cond, comfy_kwargs, model, inputs, lor
         patched.unpatch_model()
         problems = [m for m in messages if m.startswith(("WARNING", "ERROR"))]
         print(
+            f"{'di-star export --format comfyui-lora, ' if file == exported else ''}"
             f"ComfyUI strength {strength:g}: {applied} LoRA patches on {len(patched.patches)} weights, "
             f"warnings ('lora key not loaded', 'NOT LOADED'): {problems or 'none'}; "
             f"max |comfy - PEFT| = {max_diff(actual, expected):.3g} (the LoRA moves the output by "

@@ -1,10 +1,11 @@
 """Interop: take DI* (and DMD2-style) one-step SDXL and SD1.x/2.x generators to ComfyUI, A1111/Forge and kohya
-tools, and back.
+tools, and back; SD3 / FLUX.1 LoRAs to ComfyUI with their alphas.
 
 * :func:`export_comfyui_checkpoint` — full single-file checkpoint (UNet, VAE, text encoder(s)).
 * :func:`export_comfyui_unet` — the UNet alone: bare ``input_blocks.*`` keys (every ComfyUI UNet loader) or, with
   ``unet_keys="single-file"``, ``model.diffusion_model.*`` keys (Diffusers' ``from_single_file``).
 * :func:`export_kohya_lora` — a Diffusers/PEFT UNet LoRA in kohya format with its true alpha.
+* :func:`export_comfyui_lora` — an SD3 / FLUX.1 LoRA with its true alphas (``<module>.alpha``), which ComfyUI reads.
 * :func:`export_diffusers` — any of those files (or a DMD2 ``.bin``) back to Diffusers folders.
 * :func:`load_generator_unet` — a generator UNet from any published layout, for inference and training.
 
@@ -15,6 +16,7 @@ safety (safetensors or ``torch.load(weights_only=True)``, atomic writes) in :mod
 from .exporters import (
     FORMATS,
     export_comfyui_checkpoint,
+    export_comfyui_lora,
     export_comfyui_unet,
     export_diffusers,
     export_kohya_lora,
@@ -34,6 +36,7 @@ __all__ = [
     "checkpoint_state_dict",
     "components_from_checkpoint",
     "export_comfyui_checkpoint",
+    "export_comfyui_lora",
     "export_comfyui_unet",
     "export_diffusers",
     "export_kohya_lora",

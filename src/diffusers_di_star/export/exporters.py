@@ -1,4 +1,4 @@
-"""The four export formats of ``di-star export``, one function each, and :func:`export_model` to pick one by name.
+"""The five export formats of ``di-star export``, one function each, and :func:`export_model` to pick one by name.
 
 Every exporter refuses to replace an existing output unless ``overwrite=True`` (checked before any loading) and
 writes atomically (:func:`.files.atomic_write`): a failed export leaves nothing behind.
@@ -42,6 +42,7 @@ from .lora import (
     lora_config_from_metadata,
     lora_metadata,
     peft_lora_to_kohya,
+    peft_lora_with_alphas,
 )
 from .original_keys import UNET_PREFIX, V_PRED_KEY, unet_version
 from .single_file import checkpoint_state_dict, components_from_checkpoint, unet_checkpoint_state_dict
@@ -49,6 +50,7 @@ from .single_file import checkpoint_state_dict, components_from_checkpoint, unet
 __all__ = [
     "FORMATS",
     "export_comfyui_checkpoint",
+    "export_comfyui_lora",
     "export_comfyui_unet",
     "export_kohya_lora",
     "export_diffusers",
@@ -228,15 +230,16 @@ def _lora_file(lora: str, weight_name: str | None) -> str:
     return resolve_file(lora, weight_name or DIFFUSERS_LORA_NAME)
 
 
-def _lora_config(path: str, lora_alpha: float | None) -> dict:
+def _lora_config(path: str, lora_alpha: float | None, component: str = "unet") -> dict:
     """The adapter's ``LoraConfig`` fields from the file's metadata, with ``lora_alpha`` filled in or checked."""
-    config = lora_config_from_metadata(read_metadata(path))
+    config = lora_config_from_metadata(read_metadata(path), component)
     stored = config.get("lora_alpha")
     if stored is None and lora_alpha is None:
         raise ExportError(
-            f"{path!r} has no lora_alpha in its metadata, and the kohya format needs it (the LoRA's scale is "
+            f"{path!r} has no lora_alpha in its metadata, and the exported file needs it (the LoRA's scale is "
             f"lora_alpha / r). Pass the value used in training: --lora-alpha A (in Python: lora_alpha=A). Save "
-            f"LoRAs with save_lora_weights(..., unet_lora_adapter_metadata=unet.peft_config[name].to_dict())."
+            f"LoRAs with save_lora_weights(..., {component}_lora_adapter_metadata="
+            f"{component}.peft_config[name].to_dict())."
         )
     if stored is not None and lora_alpha is not None and float(stored) != float(lora_alpha):
         raise ExportError(f"{path!r} says lora_alpha={stored}, but lora_alpha={lora_alpha} was passed; drop the flag.")
@@ -301,6 +304,38 @@ def export_kohya_lora(
         "ss_base_model_version": _KOHYA_BASE_MODEL_VERSIONS[unet_version(unet_config)],
     }
     return save_safetensors(kohya, out_path, metadata, overwrite)
+
+
+def export_comfyui_lora(
+    lora: str | os.PathLike,
+    out_path: str | os.PathLike,
+    dtype: str | torch.dtype = "fp16",
+    *,
+    weight_name: str | None = None,
+    lora_alpha: float | None = None,
+    overwrite: bool = False,
+) -> str:
+    """An SD3 / SD3.5 or FLUX.1 LoRA for ComfyUI's "Load LoRA" at strength 1.0: Diffusers' keys
+    (``transformer.<module>.lora_A.weight``) with each module's true alpha as ``transformer.<module>.alpha``.
+
+    ComfyUI reads a run's ``pytorch_lora_weights.safetensors`` as it is but applies it at scale 1, ignoring the
+    ``lora_alpha`` in its metadata (:func:`.lora.peft_lora_with_alphas`); this file carries the alphas. ``lora``: that
+    file, or a folder or Hub repo holding it (``weight_name`` picks another file); PEFT keys or the earlier mixed
+    ``lora.down`` layout. A UNet LoRA is refused: ``export_kohya_lora`` writes its alphas.
+    """
+    check_output_free(out_path, overwrite)
+    path = _lora_file(os.fspath(lora), weight_name)
+    state_dict = load_state_dict_file(path)
+    if checkpoint_kind(state_dict) == "kohya-lora" or any(key.startswith("unet.") for key in state_dict):
+        raise ExportError(f"{path!r} is a UNet LoRA; --format kohya-lora writes it with its alphas for ComfyUI.")
+    if not state_dict or not all(key.startswith("transformer.") for key in state_dict):
+        raise ExportError(
+            f"{path!r} is not an SD3 / FLUX.1 LoRA (transformer.<module>.lora_A/lora_B keys, as the trainer and "
+            f"Diffusers' SD3 / FLUX scripts save them); found keys like {sorted(state_dict)[:2]}."
+        )
+    config = _lora_config(path, lora_alpha, "transformer")
+    state_dict = cast_floating(diffusers_lora_to_peft(state_dict), resolve_dtype(dtype))
+    return save_safetensors(peft_lora_with_alphas(state_dict, config), out_path, {}, overwrite)
 
 
 def _single_file(model: str, weight_name: str | None) -> str:
@@ -386,6 +421,7 @@ FORMATS = {
     "comfyui-checkpoint": export_comfyui_checkpoint,
     "comfyui-unet": export_comfyui_unet,
     "kohya-lora": export_kohya_lora,
+    "comfyui-lora": export_comfyui_lora,
     "diffusers": export_diffusers,
 }
 

@@ -1,4 +1,5 @@
-"""UNet LoRA: PEFT/Diffusers format <-> kohya format (what ComfyUI, A1111/Forge and kohya's sd-scripts load).
+"""UNet LoRA: PEFT/Diffusers format <-> kohya format (what ComfyUI, A1111/Forge and kohya's sd-scripts load); a
+transformer LoRA (SD3, FLUX.1) with its alphas for ComfyUI (:func:`peft_lora_with_alphas`).
 
 PEFT applies ``W + (lora_alpha / r) · B·A`` (``lora_alpha / sqrt(r)`` with rsLoRA), with ``lora_alpha`` stored in the
 adapter config: Diffusers writes it into the safetensors metadata (``"lora_adapter_metadata"``, keys ``"unet.r"``,
@@ -38,6 +39,7 @@ __all__ = [
     "peft_lora_to_kohya",
     "kohya_lora_to_peft",
     "lora_metadata",
+    "peft_lora_with_alphas",
 ]
 
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -66,15 +68,15 @@ def diffusers_lora_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return convert_unet_state_dict_to_peft(state_dict)
 
 
-def _unet_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"unet.<module>.lora_A.weight": A, ...}`` -> ``{"<module>": {"lora_A": A, "lora_B": B}}``."""
+def _lora_modules(state_dict: dict[str, torch.Tensor], component: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"<component>.<module>.lora_A.weight": A, ...}`` -> ``{"<module>": {"lora_A": A, "lora_B": B}}``."""
     modules = collections.defaultdict(dict)
     for key, value in state_dict.items():
-        match = re.fullmatch(r"(?:unet\.)?(.+)\.(lora_A|lora_B)\.weight", key)
+        match = re.fullmatch(rf"(?:{component}\.)?(.+)\.(lora_A|lora_B)\.weight", key)
         if match is None or key.startswith(("text_encoder.", "text_encoder_2.")):
             raise ExportError(
-                f"unsupported LoRA key {key!r}: only UNet LoRA weights (lora_A/lora_B) convert to kohya format "
-                f"(no text-encoder LoRA, DoRA or LoRA bias)."
+                f"unsupported LoRA key {key!r}: only {component} LoRA weights (lora_A/lora_B) convert (no "
+                f"text-encoder LoRA, DoRA or LoRA bias)."
             )
         modules[match.group(1)][match.group(2)] = value
     return modules
@@ -109,7 +111,7 @@ def peft_lora_to_kohya(state_dict: dict[str, torch.Tensor], unet_config, lora_co
         raise ExportError("the LoRA config has no lora_alpha; pass it (--lora-alpha) to convert to kohya format.")
     namer = _kohya_namer(unet_config)
     kohya = {}
-    for module, weights in _unet_lora_modules(state_dict).items():
+    for module, weights in _lora_modules(state_dict, "unet").items():
         try:
             name = namer(module)
         except KeyError:
@@ -121,6 +123,27 @@ def peft_lora_to_kohya(state_dict: dict[str, torch.Tensor], unet_config, lora_co
             kohya[f"{name}.{kohya_name}.weight"] = weights[peft_name]
         kohya[f"{name}.alpha"] = torch.tensor(_peft_scale(module, rank, lora_config) * rank, dtype=torch.float32)
     return kohya
+
+
+def peft_lora_with_alphas(
+    state_dict: dict[str, torch.Tensor], lora_config: dict, component: str = "transformer"
+) -> dict[str, torch.Tensor]:
+    """A LoRA with PEFT keys -> the same keys (``<component>.<module>.lora_A.weight``) and each module's TRUE alpha
+    (``scale · rank``, float32) as ``<component>.<module>.alpha``.
+
+    ComfyUI's Load LoRA reads a Diffusers-keyed SD3 / FLUX LoRA and scales each module by that tensor / rank; it
+    ignores the ``lora_alpha`` in Diffusers' metadata, so a file without the tensors is applied at scale 1, wrong for
+    any ``lora_alpha != r`` (``tests/fidelity/check_comfy_sd3_flux.py``). Diffusers refuses such tensors in its own
+    files, so this is a separate file for ComfyUI.
+    """
+    out = {}
+    for module, weights in _lora_modules(state_dict, component).items():
+        rank = weights["lora_A"].shape[0]
+        for name, weight in weights.items():
+            out[f"{component}.{module}.{name}.weight"] = weight
+        alpha = _peft_scale(module, rank, lora_config) * rank
+        out[f"{component}.{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
 
 
 def _kohya_names(unet_config) -> dict[str, str]:
