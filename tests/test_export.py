@@ -24,6 +24,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from training_helpers import save_trainer_lora
 
 from diffusers_di_star.cli import _EXPORT_FORMATS, main
 from diffusers_di_star.configs import SDXL_BASE_CONFIG_DIR, load_sdxl_config
@@ -862,24 +863,6 @@ def test_trainer_sd_lora_run_exports_to_kohya_and_loads_back_equal(tiny_sd_dirs,
                                rtol=0, atol=1e-6)  # fmt: skip
 
 
-def _trainer_transformer_lora(family, network, folder, lora_alpha: float) -> dict:
-    """A LoRA saved by the trainer's path (``setup_networks``, ``lora_state_dict``, the family's
-    ``save_lora_weights``), rank 2, with noise on every LoRA weight; returns the generator's PEFT keys and weights."""
-    from diffusers_di_star.training.config import DIStarConfig
-    from diffusers_di_star.training.models import setup_networks
-
-    targets = family.lora_target_modules
-    config = DIStarConfig(resolution=64, generator_lora_target_modules=targets, assistant_lora_target_modules=targets,
-                          generator_lora_rank=2, assistant_lora_rank=2, generator_lora_alpha=lora_alpha)
-    networks = setup_networks(config, network)
-    with torch.no_grad():
-        for parameter in networks.trainable_parameters("generator"):
-            parameter.add_(torch.randn_like(parameter))
-    saved, metadata = networks.lora_state_dict("generator")
-    family.save_lora_weights(str(folder), saved, metadata)
-    return saved
-
-
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_comfyui_lora_carries_each_modules_true_alpha(name, tmp_path):
     """ComfyUI scales a Diffusers-keyed SD3/FLUX LoRA by ``<module>.alpha`` / rank (1 without it, whatever the
@@ -889,7 +872,7 @@ def test_comfyui_lora_carries_each_modules_true_alpha(name, tmp_path):
 
     family = FAMILIES[name]
     network = {"sd3": get_tiny_sd3_transformer, "flux": get_tiny_flux_transformer}[name]()
-    saved = _trainer_transformer_lora(family, network, tmp_path / "run", lora_alpha=8.0)
+    saved = save_trainer_lora(family, network, tmp_path / "run", lora_alpha=8.0)
     out = export_model(str(tmp_path / "run"), "comfyui-lora", tmp_path / "comfy.safetensors", dtype="fp32")
     exported = load_file(out)
     alphas = {k: v for k, v in exported.items() if k.endswith(".alpha")}

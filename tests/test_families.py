@@ -21,6 +21,7 @@ from test_losses import (
     _per_sample_params,
     _true_divergence_grads,
 )
+from training_helpers import save_trainer_lora
 
 from diffusers_di_star import DIStarSDPipeline, DIStarSDXLPipeline
 from diffusers_di_star.errors import ModelLoadError
@@ -45,8 +46,6 @@ from diffusers_di_star.testing import (
     get_tiny_sdxl_components,
     save_tiny_sd_pipeline,
 )
-from diffusers_di_star.training.config import DIStarConfig
-from diffusers_di_star.training.models import setup_networks
 
 PROMPTS = ["a cat wearing sunglasses", "a fox in a snowy forest"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,15 +252,7 @@ def test_a_saved_lora_loads_in_full_in_diffusers_own_pipeline(name, tmp_path):
     keys (what SD3 and FLUX files had) lose SD3's attention LoRA in ``load_lora_weights``, with only a warning."""
     family = FAMILIES[name]
     network = TINY_COMPONENTS[name]()[family.network_subfolder]
-    targets = family.lora_target_modules
-    config = DIStarConfig(resolution=64, generator_lora_target_modules=targets, assistant_lora_target_modules=targets,
-                          generator_lora_rank=2, assistant_lora_rank=2)
-    networks = setup_networks(config, network)
-    with torch.no_grad():
-        for parameter in networks.trainable_parameters("generator"):
-            parameter.add_(torch.randn_like(parameter))
-    saved, metadata = networks.lora_state_dict("generator")
-    family.save_lora_weights(str(tmp_path), saved, metadata)
+    saved = save_trainer_lora(family, network, tmp_path)
 
     pipe = family.pipeline_class()(**TINY_COMPONENTS[name]())
     pipe.load_lora_weights(str(tmp_path), adapter_name="trained")

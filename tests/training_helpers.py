@@ -1,10 +1,13 @@
-"""Tiny stand-ins shared by the training tests: a differentiable reward and the tiny SDXL's conditioning."""
+"""Tiny stand-ins shared by the training tests: a differentiable reward, the tiny SDXL's conditioning, and a LoRA
+saved by the trainer's own path."""
 
 import torch
 
 from diffusers_di_star.rewards.base import RewardModel
 from diffusers_di_star.testing import TINY_PROMPTS
 from diffusers_di_star.training import encode_prompts
+from diffusers_di_star.training.config import DIStarConfig
+from diffusers_di_star.training.models import setup_networks
 
 PROMPTS = list(TINY_PROMPTS[:2])
 RESOLUTION = 64
@@ -34,3 +37,20 @@ def tiny_conditioning(components, prompts=PROMPTS):
         [components["text_encoder"], components["text_encoder_2"]],
         RESOLUTION,
     )
+
+
+def save_trainer_lora(family, network, folder, lora_alpha: float | None = None) -> dict:
+    """The generator's LoRA (rank 2, the family's target modules, noise on every LoRA weight) on ``network``, saved
+    to ``folder`` by the trainer's path (``setup_networks``, ``lora_state_dict``, the family's ``save_lora_weights``);
+    returns its PEFT-keyed weights."""
+    targets = family.lora_target_modules
+    config = DIStarConfig(resolution=RESOLUTION, generator_lora_target_modules=targets,
+                          assistant_lora_target_modules=targets, generator_lora_rank=2, assistant_lora_rank=2,
+                          generator_lora_alpha=lora_alpha)
+    networks = setup_networks(config, network)
+    with torch.no_grad():
+        for parameter in networks.trainable_parameters("generator"):
+            parameter.add_(torch.randn_like(parameter))
+    saved, metadata = networks.lora_state_dict("generator")
+    family.save_lora_weights(str(folder), saved, metadata)
+    return saved
