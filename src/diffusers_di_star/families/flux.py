@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ..one_step import FlowSchedule
-from .base import TensorConditioning, token_ids
-from .sd3 import SD3Family
+from .base import token_ids
+from .sd3 import SD3Conditioning, SD3Family
 
 __all__ = [
     "DEFAULT_FLUX_GUIDANCE",
@@ -63,26 +63,15 @@ FLUX_LORA_TARGET_MODULES = (
 
 
 @dataclass
-class FluxConditioning(TensorConditioning):
+class FluxConditioning(SD3Conditioning):
     """c: T5's ``[B, L, D]`` and CLIP-L's pooled ``[B, P]``, and the guidance g ``[B]`` the network gets; ∅: the
-    empty prompt's, one row per sample, with the same g."""
+    empty prompt's, one row per sample, with the same g (SD3's fields and ∅, plus g)."""
 
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
-    negative_pooled_prompt_embeds: torch.Tensor
     guidance: torch.Tensor
-
-    def unconditional(self) -> FluxConditioning:
-        negative = (self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
-        return FluxConditioning(*negative, *negative, self.guidance)
 
     def with_guidance(self, guidance: float) -> FluxConditioning:
         """The same prompts with g = ``guidance`` for every sample."""
         return dataclasses.replace(self, guidance=torch.full_like(self.guidance, guidance))
-
-    def network_kwargs(self) -> dict:
-        return {"encoder_hidden_states": self.prompt_embeds, "pooled_projections": self.pooled_prompt_embeds}
 
 
 @torch.no_grad()

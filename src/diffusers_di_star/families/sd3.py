@@ -15,7 +15,7 @@ with timestep σ·1000 (:class:`~diffusers_di_star.one_step.FlowSchedule`). What
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,8 +75,10 @@ class SD3Conditioning(TensorConditioning):
     negative_pooled_prompt_embeds: torch.Tensor
 
     def unconditional(self) -> SD3Conditioning:
-        negative = (self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
-        return SD3Conditioning(*negative, *negative)
+        """∅ in the place of c (any other field, e.g. FLUX's guidance, kept)."""
+        return replace(
+            self, prompt_embeds=self.negative_prompt_embeds, pooled_prompt_embeds=self.negative_pooled_prompt_embeds
+        )
 
     def network_kwargs(self) -> dict:
         return {"encoder_hidden_states": self.prompt_embeds, "pooled_projections": self.pooled_prompt_embeds}
