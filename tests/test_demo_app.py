@@ -10,7 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffusers_di_star import DIStarFluxPipeline, DIStarSD3Pipeline, DIStarSDXLPipeline
+from diffusers_di_star import DIStarFluxPipeline, DIStarSD3Pipeline, DIStarSDPipeline, DIStarSDXLPipeline
 from diffusers_di_star.demo_app import (
     DemoError,
     ModelCache,
@@ -19,7 +19,7 @@ from diffusers_di_star.demo_app import (
     generate,
     read_png_settings,
 )
-from diffusers_di_star.testing import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+from diffusers_di_star.testing import save_tiny_flux_pipeline, save_tiny_sd3_pipeline, save_tiny_sd_pipeline
 
 
 def _expected(model, prompt, seed, width=64, height=64):
@@ -64,16 +64,20 @@ def test_lora_and_its_scale_match_the_pipeline_with_the_lora(tiny_components, ti
     assert np.abs(np.asarray(half, float) - np.asarray(plain, float)).max() > 0
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_transformer_model_and_its_lora_scale_match_its_pipeline(family, tmp_path, one_thread):
-    """SD3 and FLUX pipelines take the LoRA scale as ``joint_attention_kwargs`` (UNets: ``cross_attention_kwargs``)."""
-    save, pipeline_class = {
-        "sd3": (save_tiny_sd3_pipeline, DIStarSD3Pipeline), "flux": (save_tiny_flux_pipeline, DIStarFluxPipeline)
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_every_familys_model_and_its_lora_scale_match_its_pipeline(family, tmp_path, one_thread):
+    """The page runs any family's folder (SDXL: the tests above); SD3 and FLUX pipelines take the LoRA scale as
+    ``joint_attention_kwargs``, UNet ones as ``cross_attention_kwargs``."""
+    save, pipeline_class, network, scale_argument = {
+        "sd": (save_tiny_sd_pipeline, DIStarSDPipeline, "unet", "cross_attention_kwargs"),
+        "sd3": (save_tiny_sd3_pipeline, DIStarSD3Pipeline, "transformer", "joint_attention_kwargs"),
+        "flux": (save_tiny_flux_pipeline, DIStarFluxPipeline, "transformer", "joint_attention_kwargs"),
     }[family]
     model = save(tmp_path / "model")
     pipe = pipeline_class.from_pretrained(model)
-    pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
-    pipe.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    getattr(pipe, network).add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    layers = {f"{network}_lora_layers": get_peft_model_state_dict(getattr(pipe, network))}
+    pipe.save_lora_weights(tmp_path / "lora", **layers)
     cache = ModelCache(device="cpu")
     base = Settings("a cat", model, seed=3, width=64, height=64)
     plain = generate(cache, base)[0].image
@@ -83,7 +87,7 @@ def test_a_transformer_model_and_its_lora_scale_match_its_pipeline(family, tmp_p
     call = {"width": 64, "height": 64}
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(pipe("a cat", **call, generator=_seed(3)).images[0]))
     pipe.load_lora_weights(tmp_path / "lora", adapter_name="lora")
-    expected = pipe("a cat", **call, generator=_seed(3), joint_attention_kwargs={"scale": 0.5}).images[0]
+    expected = pipe("a cat", **call, generator=_seed(3), **{scale_argument: {"scale": 0.5}}).images[0]
     np.testing.assert_array_equal(np.asarray(half), np.asarray(expected))
     assert np.abs(np.asarray(half, float) - np.asarray(plain, float)).max() > 0
 

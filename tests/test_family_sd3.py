@@ -8,6 +8,7 @@ import pytest
 import test_training_script as trainer_tests
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from safetensors.torch import load_file
 from test_losses import (
     EYE,
     M_REF,
@@ -24,6 +25,7 @@ from test_losses import (
 from test_training_script import LORA, lora_tensors, run, train_args
 
 from diffusers_di_star import DIStarSD3Pipeline
+from diffusers_di_star.cli import main as cli_main
 from diffusers_di_star.families import FluxFamily, SD3Family, detect_family
 from diffusers_di_star.families.sd3 import check_sigma_star, shift_sigmas
 from diffusers_di_star.losses import score_distance, score_divergence_loss, time_weighting
@@ -201,6 +203,7 @@ def test_lora_run_resumes_exactly_with_precomputed_prompts_and_loads_in_both_pip
 ):
     model, common = tiny_sd3["t5"], [*LORA, "--generator_lora_target_modules", "attn.to_q,attn.add_q_proj"]
     common += ["--assistant_lora_target_modules", "to_q,to_k,to_v,to_out.0", "--precompute_prompt_embeddings"]
+    common += ["--generator_lora_alpha", "8"]  # scale 2: the ComfyUI export below must carry it
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(script, *train_args(model, prompt_file, straight, *common, "--max_train_steps", "3")) == 0
     # Both runs precompute their prompt embeddings; the resumed one reads the interrupted one's back (file untouched).
@@ -226,6 +229,18 @@ def test_lora_run_resumes_exactly_with_precomputed_prompts_and_loads_in_both_pip
     assert (_images(ours, output_type="latent") - before).abs().max() > 5e-4  # the LoRA changed the generator
     after = _images(ours)
     np.testing.assert_allclose(after, _images(plain, num_inference_steps=1, guidance_scale=0), atol=1e-5)
+
+    # The run folder for ComfyUI's Load LoRA (`di-star export --format comfyui-lora`): the same weights, and each
+    # module's true alpha, which ComfyUI reads (it applies the run's own file at scale 1).
+    comfy = tmp_path / "comfy.safetensors"
+    assert cli_main(["export", "--model", str(straight), "--format", "comfyui-lora", "--dtype", "fp32",
+                     "--out", str(comfy)]) == 0  # fmt: skip
+    exported = load_file(comfy)
+    alphas = {k: v.item() for k, v in exported.items() if k.endswith(".alpha")}
+    assert sorted(set(exported) - set(alphas)) == sorted(expected)
+    assert alphas == {k.replace(".lora_A.weight", ".alpha"): 8.0 for k in expected if k.endswith(".lora_A.weight")}
+    for key in expected:
+        torch.testing.assert_close(exported[key], expected[key], rtol=0, atol=0)
 
 
 def test_full_bf16_run_without_t5_writes_an_sd3_pipeline_and_resumes_exactly(
